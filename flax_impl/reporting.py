@@ -1,0 +1,105 @@
+"""What both training commands print and write: the seed's log lines, the workdir's files.
+
+Imports neither jax nor torch, so `flax_impl.train` and `torch_ref.train` share it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from flax_impl.config import Config
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds")
+
+
+class WorkdirError(RuntimeError):
+    """A workdir that cannot be used as asked, described in one line."""
+
+
+def epoch_bar(epoch: int, epochs: int, steps: int) -> tqdm:
+    """The per-epoch progress bar; `set_postfix_str` it with the running loss."""
+    return tqdm(total=steps, desc=f"Epoch {epoch}/{epochs}", unit="step", leave=True,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def test_line(loss: float, correct: int, total: int) -> str:
+    """The seed notebook's line: 'Test set: Average loss: 0.0165, Accuracy: 9945/10000 (99.45%)'."""
+    return (f"Test set: Average loss: {loss:.4f}, "
+            f"Accuracy: {correct}/{total} ({100.0 * correct / total:.2f}%)")
+
+
+def summary_line(history: list[dict]) -> str:
+    """One line summing up a finished run."""
+    last = history[-1]
+    best = max(history, key=lambda m: m["test_accuracy"])
+    minutes = sum(m["seconds"] for m in history) / 60
+    return (f"Done: {len(history)} epochs in {minutes:.1f} min; final test accuracy "
+            f"{100 * last['test_accuracy']:.2f}% (best {100 * best['test_accuracy']:.2f}% "
+            f"at epoch {best['epoch']})")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temp file and a rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_workdir(workdir: Path, config: Config, framework: str, resume: bool,
+                    overwrite: bool) -> list[dict]:
+    """Create `workdir` for `config`; return the metrics of the epochs already done.
+
+    A workdir holding another run is refused unless `resume` (same config only) or `overwrite`.
+    """
+    record = {"framework": framework, **json.loads(config.to_json())}
+    config_path = workdir / CONFIG_FILE
+    metrics_path = workdir / METRICS_FILE
+    if config_path.exists() and not overwrite:
+        try:
+            existing = json.loads(config_path.read_text())
+        except json.JSONDecodeError:
+            raise WorkdirError(f"{config_path} is not valid JSON; use --overwrite") from None
+        if not resume:
+            raise WorkdirError(
+                f"{workdir} already holds a run; pass --resume to continue it or --overwrite "
+                f"to replace it"
+            )
+        if existing != record:
+            changed = sorted(k for k in record.keys() | existing.keys()
+                             if record.get(k) != existing.get(k))
+            raise WorkdirError(
+                f"--resume: {workdir} holds a run with a different config ({', '.join(changed)}); "
+                f"use the same flags or --overwrite"
+            )
+        return read_metrics(metrics_path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics_path.unlink(missing_ok=True)
+    atomic_write_text(config_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return []
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The per-epoch records of a metrics.jsonl (empty if it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(workdir: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl with `history` (atomically, so it always matches a checkpoint)."""
+    text = "".join(json.dumps({k: m[k] for k in METRIC_KEYS}) + "\n" for m in history)
+    atomic_write_text(workdir / METRICS_FILE, text)

@@ -1,0 +1,33 @@
+"""Random rotation on tensors (no torchvision): `affine_grid` + bilinear `grid_sample`.
+
+Mirrors `flax_impl/augment.py`: the same angle gives the same image, pixels outside the input read 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image of (B, C, H, W) counter-clockwise by its angle in degrees, about its centre.
+
+    Bilinear interpolation; pixels that come from outside the image are 0.
+    """
+    radians = degrees.to(images.dtype) * (math.pi / 180.0)
+    cos, sin, zero = torch.cos(radians), torch.sin(radians), torch.zeros_like(radians)
+    # affine_grid maps each output position to the input position it reads.
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator
+                  ) -> torch.Tensor:
+    """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees]."""
+    if max_degrees == 0:
+        return images
+    degrees = (torch.rand(len(images), generator=generator) * 2 - 1) * max_degrees
+    return rotate(images, degrees)

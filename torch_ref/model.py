@@ -1,0 +1,80 @@
+"""The networks in PyTorch: `Net` (ours, < 20k parameters) and `SeedNet` (the seed README's).
+
+Mirrors `flax_impl/model.py` layer for layer and name for name. Input: float32 NCHW (B, 1, 28, 28),
+normalised with `flax_impl.data.normalize`. Output: (B, 10) log-probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBlock(nn.Module):
+    """3x3 convolution (no bias) -> BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.dropout = nn.Dropout2d(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(F.relu(self.bn(self.conv(x))))
+
+
+class Net(nn.Module):
+    """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
+
+    Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
+    """
+
+    def __init__(self, dropout: float = 0.05):
+        super().__init__()
+        self.block1 = ConvBlock(1, 10, dropout)
+        self.block2 = ConvBlock(10, 16, dropout)
+        self.block3 = ConvBlock(16, 16, dropout)
+        self.block4 = ConvBlock(16, 16, dropout)
+        self.block5 = ConvBlock(16, 24, dropout)
+        self.block6 = ConvBlock(24, 32, 0.0)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(x))
+        x = F.max_pool2d(x, 2)
+        x = self.block6(self.block5(self.block4(self.block3(x))))
+        x = x.mean(dim=(2, 3))
+        return F.log_softmax(self.head(x), dim=1)
+
+
+class SeedNet(nn.Module):
+    """The base network exactly as the seed README describes it (about 6.4M parameters).
+
+    3x3 convs of 32, 64 (padding 1), 2x2 max-pool, 128, 256 (padding 1), 2x2 max-pool, 512, 1024
+    (no padding: 7 -> 5 -> 3), 10 (3 -> 1); ReLU after each conv but the last; log-softmax.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
+        self.conv4 = nn.Conv2d(128, 256, 3, padding=1)
+        self.conv5 = nn.Conv2d(256, 512, 3)
+        self.conv6 = nn.Conv2d(512, 1024, 3)
+        self.conv7 = nn.Conv2d(1024, 10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = F.max_pool2d(F.relu(self.conv4(F.relu(self.conv3(x)))), 2)
+        x = self.conv7(F.relu(self.conv6(F.relu(self.conv5(x)))))
+        return F.log_softmax(x.flatten(1), dim=1)
+
+
+MODELS = {"net": Net, "seednet": SeedNet}
+
+
+def create_model(name: str, dropout: float = 0.05) -> nn.Module:
+    """A fresh model by name ("net" or "seednet")."""
+    return Net(dropout) if name == "net" else MODELS[name]()
