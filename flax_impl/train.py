@@ -225,8 +225,10 @@ def restore_variables(workdir: str | Path) -> dict:
 
 
 def train(config: Config, workdir: Path | None = None, resume: bool = False,
-          overwrite: bool = False, steps_per_call: int | None = None) -> list[dict]:
-    """Train `config`; print the seed-style log; return the per-epoch metrics."""
+          overwrite: bool = False, steps_per_call: int | None = None,
+          devices: list | None = None) -> list[dict]:
+    """Train `config` on `devices` (default: all local ones); print the seed-style log; return the
+    per-epoch metrics."""
     history = prepare_workdir(workdir, config, "flax", resume, overwrite) if workdir else []
     data = load_mnist(config.data_source)
     count = config.train_examples or len(data.train_images)
@@ -234,7 +236,7 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
     if steps == 0:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {count} "
                           f"training images")
-    mesh = Mesh(np.array(jax.devices()), ("data",))
+    mesh = Mesh(np.array(devices or jax.devices()), ("data",))
     if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
         raise ConfigError(f"--batch-size {config.batch_size} and the eval batch size must "
                           f"divide evenly over {mesh.size} devices")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flax_impl.data import IDX_FILES, Mnist
+
+# Tests compile the same small programs many times (and in subprocesses): share XLA's
+# persistent compilation cache between them. Set before anything imports jax.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"mnist20k-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

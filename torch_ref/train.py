@@ -102,6 +102,7 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
         history = history[:state["epoch"]]
         print(f"Resumed from {checkpoint} after epoch {state['epoch']}")
 
@@ -127,7 +128,7 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
         if workdir:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "epoch": epoch}, checkpoint)
+                        "torch_rng": torch.get_rng_state(), "epoch": epoch}, checkpoint)
             write_metrics(workdir, history)
     if workdir:
         torch.save(model.state_dict(), workdir / MODEL_FILE)

@@ -1,0 +1,115 @@
+"""Weights between the frameworks: `torch_to_flax(state_dict)` and `flax_to_torch(variables)`.
+
+Per key, a rename and a layout change (as HuggingFace's PyTorch<->Flax conversion does):
+
+| Flax                             | torch                  | layout                      |
+|----------------------------------|------------------------|-----------------------------|
+| params/M/kernel (conv, HWIO)     | M.weight (OIHW)        | transpose (3, 2, 0, 1)      |
+| params/M/kernel (dense, in x out)| M.weight (out x in)    | transpose                   |
+| params/M/bias                    | M.bias                 |                             |
+| params/M/scale (BatchNorm)       | M.weight               |                             |
+| batch_stats/M/mean, var          | M.running_mean, running_var (both unbiased, see model.py) |
+
+Module paths map `a/b` <-> `a.b`. torch's `num_batches_tracked` has no Flax counterpart (it only
+matters for BatchNorm without momentum) and comes back as 0. Every key and shape is checked
+against the target model; anything wrong or missing is one `ConversionError` naming it.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import torch
+from flax import traverse_util
+
+from flax_impl.model import create_model as create_flax_model
+from torch_ref.model import create_model as create_torch_model
+
+TORCH_STATS = {"mean": "running_mean", "var": "running_var"}
+
+
+class ConversionError(ValueError):
+    """A key or shape that does not fit the target model, named in one line."""
+
+
+def torch_name(collection: str, path: tuple[str, ...], ndim: int) -> str:
+    """The torch state_dict key of a Flax variable (collection, path)."""
+    module, leaf = ".".join(path[:-1]), path[-1]
+    if collection == "batch_stats":
+        return f"{module}.{TORCH_STATS[leaf]}"
+    return f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
+
+
+def to_torch_layout(value: np.ndarray) -> np.ndarray:
+    """A Flax array in torch's layout (kernels transposed, everything else unchanged)."""
+    if value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    return value.T if value.ndim == 2 else value
+
+
+def to_flax_layout(value: np.ndarray) -> np.ndarray:
+    """A torch array in Flax's layout (the inverse of `to_torch_layout`)."""
+    if value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    return value.T if value.ndim == 2 else value
+
+
+def flax_shapes(model: str) -> dict[tuple[str, tuple[str, ...]], tuple[int, ...]]:
+    """{(collection, path): shape} of the Flax model's variables, without computing them."""
+    shapes = jax.eval_shape(lambda: create_flax_model(model).init(
+        jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32), train=False))
+    return {(collection, path): tuple(leaf.shape)
+            for collection, tree in shapes.items()
+            for path, leaf in traverse_util.flatten_dict(tree).items()}
+
+
+def torch_shapes(model: str) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the torch model's state_dict."""
+    return {k: tuple(v.shape) for k, v in create_torch_model(model).state_dict().items()}
+
+
+def torch_to_flax(state_dict: dict, model: str = "net") -> dict:
+    """torch state_dict -> Flax variables {"params": ..., "batch_stats": ...} (numpy arrays)."""
+    expected = flax_shapes(model)
+    names = {torch_name(c, p, len(s)): (c, p) for (c, p), s in expected.items()}
+    known = set(names) | {k for k in torch_shapes(model) if k.endswith("num_batches_tracked")}
+    extra = sorted(set(state_dict) - known)
+    if extra:
+        raise ConversionError(f"unexpected key {extra[0]!r} in the torch state_dict for {model}")
+    flat: dict = {}
+    for name, (collection, path) in names.items():
+        if name not in state_dict:
+            raise ConversionError(f"missing key {name!r} in the torch state_dict for {model}")
+        value = to_flax_layout(state_dict[name].detach().cpu().numpy())
+        if value.shape != expected[collection, path]:
+            raise ConversionError(
+                f"{name!r} has shape {list(state_dict[name].shape)}, {model} needs "
+                f"{list(to_torch_layout(np.empty(expected[collection, path])).shape)}")
+        flat[(collection, *path)] = np.ascontiguousarray(value)
+    return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(variables: dict, model: str = "net") -> dict[str, torch.Tensor]:
+    """Flax variables -> torch state_dict (loads with `load_state_dict(strict=True)`)."""
+    expected = flax_shapes(model)
+    given = {(c, p): v for c, tree in variables.items()
+             for p, v in traverse_util.flatten_dict(dict(tree)).items()}
+    extra = sorted(set(given) - set(expected))
+    if extra:
+        raise ConversionError(f"unexpected variable {'/'.join((extra[0][0], *extra[0][1]))!r} "
+                              f"for {model}")
+    state_dict = {}
+    for (collection, path), shape in expected.items():
+        where = "/".join((collection, *path))
+        if (collection, path) not in given:
+            raise ConversionError(f"missing variable {where!r} for {model}")
+        value = np.asarray(given[collection, path])
+        if value.shape != shape:
+            raise ConversionError(f"{where!r} has shape {list(value.shape)}, {model} needs "
+                                  f"{list(shape)}")
+        state_dict[torch_name(collection, path, len(shape))] = torch.from_numpy(
+            np.ascontiguousarray(to_torch_layout(value)).copy())
+    for name in torch_shapes(model):
+        if name.endswith("num_batches_tracked"):
+            state_dict[name] = torch.tensor(0)
+    return state_dict

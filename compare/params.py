@@ -1,0 +1,93 @@
+"""Per-layer trainable parameter counts, Flax vs torch: `python -m compare.params [--model M]`.
+
+Counts come from the real models (Flax `init` shapes, torch `named_parameters`), paired through
+the weight conversion's naming (compare/convert.py). Exit status 0 only when every layer matches
+and `net` has fewer than 20,000 parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from compare.convert import flax_shapes, torch_name
+from torch_ref.model import create_model as create_torch_model
+
+LIMIT = 20_000
+
+
+def parameter_table(model: str) -> dict:
+    """Rows pairing each Flax parameter with its torch twin, the totals and the verdict."""
+    flax = {path: shape for (collection, path), shape in flax_shapes(model).items()
+            if collection == "params"}
+    torch_params = {name: tuple(p.shape)
+                    for name, p in create_torch_model(model).named_parameters() if p.requires_grad}
+    rows, paired = [], set()
+    for path, shape in flax.items():
+        name = torch_name("params", path, len(shape))
+        torch_shape = torch_params.get(name)
+        paired.add(name)
+        flax_count = math.prod(shape)
+        torch_count = math.prod(torch_shape) if torch_shape is not None else 0
+        rows.append({"layer": "/".join(path[:-1]), "flax_path": "/".join(path),
+                     "flax_shape": list(shape), "torch_name": name if torch_shape else None,
+                     "torch_shape": list(torch_shape) if torch_shape else None,
+                     "flax_count": flax_count, "torch_count": torch_count,
+                     "match": flax_count == torch_count})
+    for name, shape in torch_params.items():
+        if name not in paired:
+            rows.append({"layer": name.rsplit(".", 1)[0], "flax_path": None, "flax_shape": None,
+                         "torch_name": name, "torch_shape": list(shape), "flax_count": 0,
+                         "torch_count": math.prod(shape), "match": False})
+    flax_total = sum(r["flax_count"] for r in rows)
+    torch_total = sum(r["torch_count"] for r in rows)
+    match = all(r["match"] for r in rows) and flax_total == torch_total
+    under = flax_total < LIMIT
+    return {"model": model, "rows": rows, "flax_total": flax_total, "torch_total": torch_total,
+            "match": match, "under_limit": under, "ok": match and (under or model != "net")}
+
+
+def format_table(table: dict) -> str:
+    """The table as aligned text with the verdict."""
+    header = ("layer", "flax path", "flax shape", "torch name", "torch shape", "count", "")
+    lines = [header]
+    for r in table["rows"]:
+        count = (f"{r['flax_count']:,}" if r["match"]
+                 else f"{r['flax_count']:,} vs {r['torch_count']:,}")
+        lines.append((r["layer"], r["flax_path"] or "-", str(tuple(r["flax_shape"] or ())),
+                      r["torch_name"] or "-", str(tuple(r["torch_shape"] or ())), count,
+                      "" if r["match"] else "MISMATCH"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [f"== {table['model']} =="]
+    text += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+             for line in lines]
+    text.append(f"total: flax {table['flax_total']:,}, torch {table['torch_total']:,}")
+    verdict = "MATCH" if table["match"] else "MISMATCH"
+    if table["model"] == "net":
+        limit = "under" if table["under_limit"] else "NOT under"
+        verdict += f"; {limit} {LIMIT:,} parameters"
+    else:
+        verdict += f"; {table['flax_total'] / LIMIT:.0f}x the {LIMIT:,}-parameter budget"
+    text.append(f"verdict: {verdict}")
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m compare.params", description=__doc__)
+    parser.add_argument("--model", choices=("net", "seednet", "all"), default="net")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    models = ("net", "seednet") if args.model == "all" else (args.model,)
+    tables = [parameter_table(model) for model in models]
+    if args.json:
+        print(json.dumps(tables if args.model == "all" else tables[0], indent=2))
+    else:
+        print("\n\n".join(format_table(table) for table in tables))
+    return 0 if all(table["ok"] for table in tables) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""flax_impl.conv: the fast-backward convolution equals lax.conv_general_dilated."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from flax_impl.conv import conv_general_dilated
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def loss_pair(padding, strides=(1, 1)):
+    def reference(x, w):
+        return jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, strides, padding,
+                                                         dimension_numbers=DN)))
+
+    def fast(x, w):
+        numbers = lax.conv_dimension_numbers(x.shape, w.shape, DN)
+        return jnp.sum(jnp.sin(conv_general_dilated(x, w, strides, padding,
+                                                    dimension_numbers=numbers)))
+
+    return reference, fast
+
+
+@pytest.mark.parametrize("size, cin, cout, padding", [
+    (28, 1, 10, "VALID"), (12, 16, 16, "VALID"), (9, 3, 5, "SAME"), (7, 8, 4, ((1, 1), (1, 1))),
+    (8, 4, 6, ((2, 0), (0, 1))),
+])
+def test_value_and_gradients_equal_lax(size, cin, cout, padding):
+    x = jax.random.normal(jax.random.key(0), (3, size, size, cin))
+    w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+    reference, fast = loss_pair(padding)
+    np.testing.assert_allclose(fast(x, w), reference(x, w), rtol=1e-5)
+    for got, want in zip(jax.grad(fast, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_jitted_and_inside_scan_it_still_matches():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 10, 10, 6))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 6, 5))
+    reference, fast = loss_pair("VALID")
+
+    def summed(loss):
+        return jax.jit(jax.grad(lambda w: lax.scan(lambda c, xi: (c + loss(xi, w), None),
+                                                   0.0, x)[0]))
+
+    np.testing.assert_allclose(summed(fast)(w), summed(reference)(w), rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_convolutions_fall_back_to_lax():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    reference, fast = loss_pair("VALID", strides=(2, 2))
+    np.testing.assert_allclose(jax.grad(fast, 1)(x, w), jax.grad(reference, 1)(x, w), rtol=1e-5)

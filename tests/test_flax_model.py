@@ -1,0 +1,66 @@
+"""flax_impl.model: shapes, parameter budget, BatchNorm conventions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_impl.model import BatchNorm, Net, SeedNet
+
+
+def count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("model", [Net(), SeedNet()])
+def test_output_is_log_probabilities_of_shape_b_by_10(model):
+    x = jax.random.normal(jax.random.key(0), (5, 28, 28, 1))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    log_probs = jax.jit(model.apply)(variables, x)
+    assert log_probs.shape == (5, 10)
+    np.testing.assert_allclose(jnp.exp(log_probs).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_net_has_fewer_than_20k_parameters_and_seednet_far_more():
+    x = jnp.zeros((1, 28, 28, 1))
+    net = jax.eval_shape(lambda: Net().init(jax.random.key(0), x))
+    seed = jax.eval_shape(lambda: SeedNet().init(jax.random.key(0), x))
+    assert count(net["params"]) == 17_064 < 20_000
+    assert count(seed["params"]) == 6_379_786
+    assert set(net) == {"params", "batch_stats"} and set(seed) == {"params"}
+
+
+def test_batchnorm_keeps_torchs_unbiased_running_variance():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 3 + 1
+    variables = BatchNorm().init(jax.random.key(1), x, train=True)
+    _, updates = BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
+    flat = np.asarray(x).reshape(-1, 2)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1),
+                               rtol=1e-5)
+
+
+def test_train_mode_normalises_with_the_batch_and_eval_with_running_stats():
+    x = jax.random.normal(jax.random.key(0), (8, 2, 2, 3)) * 5 + 2
+    variables = BatchNorm().init(jax.random.key(1), x, train=False)
+    trained = BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    np.testing.assert_allclose(trained.mean((0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(BatchNorm().apply(variables, x, train=False), x / np.sqrt(1 + 1e-5),
+                               rtol=1e-5)
+
+
+def test_dropout_drops_whole_channels_only_in_training():
+    model = Net(dropout=0.5)
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    evaluate = jax.jit(model.apply)
+    np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
+
+    @jax.jit
+    def train(key):
+        return model.apply(variables, x, train=True, rngs={"dropout": key},
+                           mutable=["batch_stats"])[0]
+
+    assert not np.allclose(train(jax.random.key(2)), train(jax.random.key(3)))

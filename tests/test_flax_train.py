@@ -1,0 +1,138 @@
+"""flax_impl.train: the step learns, runs write their workdir, resume, data parallelism, output."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_impl import train as flax_train
+from flax_impl.config import Config
+from flax_impl.reporting import read_metrics
+from tests.conftest import synthetic_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def short_config(source: str, **overrides) -> Config:
+    config = Config(data_source=source, epochs=2, batch_size=64, eval_batch_size=100)
+    return dataclasses.replace(config, **overrides)
+
+
+def test_jitted_train_step_lowers_the_loss_on_a_fixed_batch():
+    config = Config(max_rotation=0.0, dropout=0.0, epochs=1)
+    model, tx, state, _ = flax_train.build(config, steps=15)  # one short one-cycle
+    data = synthetic_mnist(64, 1)
+    batch = (jnp.asarray(data.train_images), jnp.asarray(data.train_labels))
+    step = jax.jit(flax_train.make_train_step(model, tx, config))
+    losses = []
+    for i in range(15):
+        state, metrics = step(state, batch, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 15
+
+
+def test_schedule_warms_up_to_the_peak_then_decays_to_the_floor():
+    config = Config(lr=0.1)
+    schedule = flax_train.onecycle_schedule(config, total_steps=100)
+    lrs = np.array([schedule(i) for i in range(100)])
+    assert lrs[0] == pytest.approx(0.1 / 25)
+    assert lrs.argmax() == 29 and lrs.max() == pytest.approx(0.1)
+    assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4, rel=1e-3)
+
+
+def test_short_run_writes_its_workdir_and_prints_the_seed_lines(tiny_idx_source, tmp_path,
+                                                                 capsys):
+    workdir = tmp_path / "run"
+    history = flax_train.train(short_config(tiny_idx_source), workdir)
+    out = capsys.readouterr()
+    assert out.out.count("Test set: Average loss: ") == 2
+    assert "Accuracy: " in out.out and "/200 (" in out.out
+    assert "Epoch 2/2" in out.err and "loss=" in out.err  # the tqdm bar
+    metrics = read_metrics(workdir / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert set(metrics[0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"}
+    assert metrics[-1]["test_accuracy"] == history[-1]["test_accuracy"]
+    assert metrics[-1]["test_accuracy"] > 0.5  # synthetic digits are easy
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"] == "net" and config["framework"] == "flax"
+    variables = flax_train.restore_variables(workdir)
+    assert set(variables) == {"params", "batch_stats"}
+
+
+def test_same_seed_gives_the_same_metrics(tiny_idx_source):
+    config = short_config(tiny_idx_source, epochs=1)
+    first, second = flax_train.train(config), flax_train.train(config)
+    assert first[0]["train_loss"] == second[0]["train_loss"]
+    assert first[0]["test_loss"] == second[0]["test_loss"]
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, monkeypatch):
+    config = short_config(tiny_idx_source, epochs=3)
+    uninterrupted = flax_train.train(config, tmp_path / "straight")
+
+    real_bar = flax_train.epoch_bar
+
+    def crash_in_epoch_3(epoch, epochs, steps):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real_bar(epoch, epochs, steps)
+
+    monkeypatch.setattr(flax_train, "epoch_bar", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        flax_train.train(config, tmp_path / "interrupted")
+    monkeypatch.setattr(flax_train, "epoch_bar", real_bar)
+    resumed = flax_train.train(config, tmp_path / "interrupted", resume=True)
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert resumed[-1][key] == uninterrupted[-1][key]
+    assert [m["epoch"] for m in read_metrics(tmp_path / "interrupted/metrics.jsonl")] == [1, 2, 3]
+
+
+TWO_DEVICE_SCRIPT = """
+import json, sys, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax_impl import train
+from flax_impl.config import Config
+from tests.conftest import synthetic_mnist
+assert len(jax.devices()) == 2
+config = Config(data_source=sys.argv[1], epochs=2, batch_size=64, eval_batch_size=100)
+
+model, tx, state, _ = train.build(config, steps=4)
+step = jax.jit(train.make_train_step(model, tx, config))
+data = synthetic_mnist(64, 1)
+def one_step(devices):
+    mesh = Mesh(np.array(devices), ("data",))
+    batch = jax.device_put((data.train_images, data.train_labels), NamedSharding(mesh, P("data")))
+    new, metrics = step(jax.device_put(state, NamedSharding(mesh, P())), batch, jax.random.key(0))
+    return float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(new)]
+(loss1, leaves1), (loss2, leaves2) = one_step(jax.devices()[:1]), one_step(jax.devices())
+step = {"loss": abs(loss1 - loss2),
+        "state": max(float(np.abs(a - b).max()) for a, b in zip(leaves1, leaves2))}
+
+runs = [train.train(config, devices=jax.devices()[:1]), train.train(config)]
+print(json.dumps({"step": step, "runs": runs}))
+"""
+
+
+@pytest.mark.slow
+def test_two_devices_match_one_device(tiny_idx_source):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCRIPT, tiny_idx_source], cwd=ROOT,
+                            env=env, check=True, capture_output=True, text=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["step"]["loss"] < 1e-6 and report["step"]["state"] < 1e-5
+    one, two = report["runs"]
+    # Same batches, keys and maths; only the order of floating-point reductions differs, and
+    # 16 steps at a high learning rate amplify that a little.
+    for a, b in zip(one, two, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-3)
+        assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=0.011)

@@ -1,0 +1,98 @@
+"""torch_ref: shapes, per-layer counts equal Flax's, the step learns, short runs, rotation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compare.params import parameter_table
+from flax_impl.config import Config
+from flax_impl.reporting import read_metrics
+from tests.conftest import synthetic_mnist
+from torch_ref import train as torch_train
+from torch_ref.augment import rotate
+from torch_ref.model import Net, SeedNet
+
+
+@pytest.mark.parametrize("model_class", [Net, SeedNet])
+def test_output_is_log_probabilities_of_shape_b_by_10(model_class):
+    log_probs = model_class().eval()(torch.randn(5, 1, 28, 28))
+    assert log_probs.shape == (5, 10)
+    torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(5))
+
+
+@pytest.mark.parametrize("model", ["net", "seednet"])
+def test_per_layer_parameter_counts_equal_the_flax_models(model):
+    table = parameter_table(model)
+    assert table["match"], [row for row in table["rows"] if not row["match"]]
+    assert table["torch_total"] == sum(p.numel() for p in
+                                       (Net() if model == "net" else SeedNet()).parameters())
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    config = Config(max_rotation=0.0, dropout=0.0, epochs=1)
+    model = Net(dropout=0.0)
+    optimizer, scheduler = torch_train.create_optimizer(model, config, total_steps=15)
+    data = synthetic_mnist(64, 1)
+    images, labels = torch.from_numpy(data.train_images), torch.from_numpy(data.train_labels).long()
+    generator = torch.Generator().manual_seed(0)
+    losses = [torch_train.train_step(model, optimizer, scheduler, images, labels, config,
+                                     generator).item() for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_short_run_writes_its_workdir(tiny_idx_source, tmp_path, capsys):
+    config = Config(data_source=tiny_idx_source, epochs=2, batch_size=64, eval_batch_size=100)
+    history = torch_train.train(config, tmp_path)
+    assert capsys.readouterr().out.count("Test set: Average loss: ") == 2
+    metrics = read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert set(metrics[0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"}
+    assert metrics[-1]["test_accuracy"] == history[-1]["test_accuracy"] > 0.5
+    assert json.loads((tmp_path / "config.json").read_text())["framework"] == "torch"
+    state_dict = torch.load(tmp_path / "model.pt")
+    Net().load_state_dict(state_dict)
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, monkeypatch):
+    config = Config(data_source=tiny_idx_source, epochs=3, batch_size=64, eval_batch_size=100)
+    straight = torch_train.train(config, tmp_path / "straight")
+    real_bar = torch_train.epoch_bar
+
+    def crash_in_epoch_3(epoch, epochs, steps):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real_bar(epoch, epochs, steps)
+
+    monkeypatch.setattr(torch_train, "epoch_bar", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        torch_train.train(config, tmp_path / "interrupted")
+    monkeypatch.setattr(torch_train, "epoch_bar", real_bar)
+    torch.manual_seed(1234)  # the global RNG must come back from the checkpoint, not from here
+    resumed = torch_train.train(config, tmp_path / "interrupted", resume=True)
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert resumed[-1][key] == straight[-1][key]
+
+
+def test_rotation_by_90_degrees_is_a_counter_clockwise_quarter_turn():
+    image = torch.rand(1, 1, 28, 28)
+    rotated = rotate(image, torch.tensor([90.0]))
+    np.testing.assert_allclose(rotated[0, 0].numpy(), np.rot90(image[0, 0].numpy()), atol=1e-5)
+
+
+def test_rotation_by_a_small_angle_moves_a_point_where_geometry_says():
+    image = torch.zeros(1, 1, 29, 29)
+    image[0, 0, 14, 24] = 1.0  # 10 pixels right of the centre (14, 14)
+    rotated = rotate(image, torch.tensor([30.0]))[0, 0]
+    rows, cols = torch.meshgrid(torch.arange(29.0), torch.arange(29.0), indexing="ij")
+    mass = rotated.sum()
+    centre = ((rows * rotated).sum() / mass, (cols * rotated).sum() / mass)
+    # Counter-clockwise on screen (rows grow downwards): up and to the left.
+    expected = (14 - 10 * np.sin(np.pi / 6), 14 + 10 * np.cos(np.pi / 6))
+    # (bilinear resampling of a single pixel moves its centre of mass by a few hundredths)
+    np.testing.assert_allclose([float(c) for c in centre], expected, atol=0.15)
+    assert rotate(image, torch.tensor([0.0])).equal(image)
