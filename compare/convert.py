@@ -85,7 +85,7 @@ def torch_to_flax(state_dict: dict, model: str = "net") -> dict:
             raise ConversionError(
                 f"{name!r} has shape {list(state_dict[name].shape)}, {model} needs "
                 f"{list(to_torch_layout(np.empty(expected[collection, path])).shape)}")
-        flat[(collection, *path)] = np.ascontiguousarray(value)
+        flat[(collection, *path)] = np.array(value, order="C")  # a copy, never a view of torch's
     return traverse_util.unflatten_dict(flat)
 
 

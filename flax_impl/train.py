@@ -66,13 +66,16 @@ def onecycle_schedule(config: Config, total_steps: int) -> optax.Schedule:
     warmup_end = config.warmup_fraction * total_steps - 1
     decay_steps = total_steps - 1 - warmup_end
 
-    def anneal(start, stop, fraction):
-        return stop + (start - stop) / 2 * (jnp.cos(jnp.pi * fraction) + 1)
+    def anneal(start, stop, remaining):  # start when remaining = 1, stop when it is 0
+        # torch's stop + (start - stop) / 2 * (cos(pi f) + 1) with f = 1 - remaining, written as
+        # sin(pi remaining / 2)^2 so that float32 keeps its relative precision where the rate
+        # is tiny (the last steps).
+        return stop + (start - stop) * jnp.square(jnp.sin(jnp.pi / 2 * remaining))
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warming = anneal(initial, config.lr, step / warmup_end)
-        decaying = anneal(config.lr, final, (step - warmup_end) / decay_steps)
+        warming = anneal(initial, config.lr, (warmup_end - step) / warmup_end)
+        decaying = anneal(config.lr, final, (total_steps - 1 - step) / decay_steps)
         return jnp.where(step <= warmup_end, warming, decaying)
 
     return schedule

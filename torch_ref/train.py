@@ -52,7 +52,7 @@ def create_optimizer(model: torch.nn.Module, config: Config, total_steps: int):
 def train_step(model, optimizer, scheduler, images, labels, config: Config,
                generator: torch.Generator) -> torch.Tensor:
     """One step on a uint8 batch: rotate, normalise, forward, backward, update. Returns the loss."""
-    pixels = images.unsqueeze(1).float() / 255.0
+    pixels = images.unsqueeze(1).to(next(model.parameters()).dtype) / 255.0
     inputs = normalize(random_rotate(pixels, config.max_rotation, generator))
     loss = F.nll_loss(model(inputs), labels)
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,330 @@
+"""Numerical parity of the Flax port and the torch reference: `python -m compare.parity`.
+
+Prints one row per check (check, error, tolerance, pass) and exits 1 if any fails. The same
+checks run as tests (tests/test_parity.py). All on real MNIST, float32, CPU:
+
+1. eval-mode outputs with weights converted torch->Flax and Flax->torch (Net, SeedNet);
+2. train-mode outputs (batch statistics) and BatchNorm running statistics after one step;
+3. gradients of the loss for every parameter;
+4. 100 optimizer steps from the same weights on the same batches (no augmentation or dropout);
+5. the learning-rate schedule at every step of a full default run;
+6. the rotation augmentation for the same angles;
+7. a model trained in one framework scores the same test accuracy in the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compare.convert import flax_to_torch, torch_to_flax
+from flax_impl import train as flax_train
+from flax_impl.augment import rotate as flax_rotate
+from flax_impl.config import Config
+from flax_impl.data import Mnist, load_mnist, normalize
+from flax_impl.model import create_model as create_flax_model
+from torch_ref import train as torch_train
+from torch_ref.augment import rotate as torch_rotate
+from torch_ref.model import create_model as create_torch_model
+
+BATCH = 128
+NO_NOISE = Config(max_rotation=0.0, dropout=0.0)  # the recipe without randomness
+
+
+@dataclasses.dataclass
+class Check:
+    """One parity check's outcome."""
+
+    name: str
+    error: float
+    tolerance: float
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.error <= self.tolerance)
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 (B, 28, 28) -> float32 (B, 28, 28) in [0, 1]."""
+    return images.astype(np.float32) / 255.0
+
+
+def torch_inputs(images: np.ndarray) -> torch.Tensor:
+    """Normalised NCHW torch input of uint8 images."""
+    return normalize(torch.from_numpy(pixels(images))[:, None])
+
+
+def flax_inputs(images: np.ndarray) -> jax.Array:
+    """Normalised NHWC jax input of uint8 images."""
+    return normalize(jnp.asarray(pixels(images))[..., None])
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def warmed_torch_model(name: str, data: Mnist, seed: int = 0) -> torch.nn.Module:
+    """A torch model with random weights and non-trivial BatchNorm running statistics."""
+    torch.manual_seed(seed)
+    model = create_torch_model(name, dropout=0.0)
+    model.train()
+    with torch.no_grad():
+        for start in range(0, 3 * BATCH, BATCH):
+            model(torch_inputs(data.train_images[start:start + BATCH]))
+    return model.eval()
+
+
+def flax_eval(name: str, variables: dict, images: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(create_flax_model(name, 0.0).apply)(variables, flax_inputs(images)))
+
+
+def check_eval_outputs(data: Mnist, name: str, tolerance: float) -> list[Check]:
+    """1. Eval outputs agree after converting weights in both directions."""
+    images = data.test_images[:BATCH]
+    torch_model = warmed_torch_model(name, data)
+    with torch.no_grad():
+        expected = torch_model(torch_inputs(images)).numpy()
+    to_flax = max_abs(flax_eval(name, torch_to_flax(torch_model.state_dict(), name), images),
+                      expected)
+
+    flax_model = create_flax_model(name, 0.0)
+    variables = jax.jit(flax_model.init)(jax.random.key(1), flax_inputs(images[:1]))
+    back = create_torch_model(name, dropout=0.0).eval()
+    back.load_state_dict(flax_to_torch(variables, name))
+    with torch.no_grad():
+        to_torch = max_abs(back(torch_inputs(images)).numpy(), flax_eval(name, variables, images))
+    return [Check(f"eval output {name}, torch->flax", to_flax, tolerance),
+            Check(f"eval output {name}, flax->torch", to_torch, tolerance)]
+
+
+def train_mode_pass(data: Mnist, dtype=np.float32):
+    """One train-mode forward and backward of Net in both frameworks from the same weights.
+
+    Returns (torch output, Flax output, torch state_dict after the step, Flax's as a state_dict,
+    torch gradients, Flax gradients as torch-named arrays), computed in `dtype`.
+    """
+    images = data.train_images[:BATCH]
+    labels = data.train_labels[:BATCH].astype(np.int64)
+    torch_model = warmed_torch_model("net", data).train()
+    variables = torch_to_flax(torch_model.state_dict(), "net")
+    torch_model = torch_model.to(torch.float64 if dtype == np.float64 else torch.float32)
+    log_probs = torch_model(torch_inputs(images).to(next(torch_model.parameters()).dtype))
+    F.nll_loss(log_probs, torch.from_numpy(labels)).backward()
+    torch_grads = {k: p.grad.numpy() for k, p in torch_model.named_parameters()}
+
+    model = create_flax_model("net", 0.0)
+    with jax.enable_x64(dtype == np.float64):
+        variables = jax.tree.map(lambda x: jnp.asarray(x, dtype), variables)
+        inputs = flax_inputs(images).astype(dtype)
+
+        def loss_fn(params):
+            out, updates = model.apply({"params": params,
+                                        "batch_stats": variables["batch_stats"]},
+                                       inputs, train=True, mutable=["batch_stats"])
+            return flax_train.nll_loss(out, jnp.asarray(labels)), (out, updates["batch_stats"])
+
+        grads, (flax_out, stats) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
+        grads, flax_out, stats = jax.tree.map(np.asarray, (grads, flax_out, stats))
+    grads_as_torch = flax_to_torch({"params": grads, "batch_stats": stats}, "net")
+    stats_as_torch = flax_to_torch({"params": grads, "batch_stats": stats}, "net")
+    return (log_probs.detach().numpy(), flax_out, torch_model.state_dict(), stats_as_torch,
+            torch_grads, grads_as_torch)
+
+
+def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict) -> tuple[str, float]:
+    """The parameter whose gradients differ most, as ||flax - torch|| / ||torch||."""
+    def norm(x):
+        return float(np.linalg.norm(np.asarray(x, np.float64)))
+
+    errors = {k: norm(np.asarray(flax_grads[k], np.float64) - g) / max(norm(g), 1e-30)
+              for k, g in torch_grads.items()}
+    worst = max(errors, key=errors.get)
+    return worst, errors[worst]
+
+
+def check_train_mode(data: Mnist) -> list[Check]:
+    """2. and 3. Train-mode outputs, running statistics after the step, gradients."""
+    torch_out, flax_out, torch_state, flax_state, torch_grads, flax_grads = train_mode_pass(data)
+    stats = max(max_abs(torch_state[k], flax_state[k]) for k in torch_state
+                if k.endswith(("running_mean", "running_var")))
+    worst32, error32 = worst_relative_gradient_error(torch_grads, flax_grads)
+    *_, torch_grads64, flax_grads64 = train_mode_pass(data, np.float64)
+    worst64, error64 = worst_relative_gradient_error(torch_grads64, flax_grads64)
+    torch_own = worst_relative_gradient_error(torch_grads64, torch_grads)[1]
+    return [Check("train-mode output (batch statistics)", max_abs(torch_out, flax_out), 1e-5),
+            Check("BatchNorm running mean/var after a step", stats, 1e-5,
+                  "torch keeps the unbiased variance; so does our Flax BatchNorm"),
+            Check("gradients, every parameter, float64 (relative)", error64, 1e-4,
+                  f"worst: {worst64}"),
+            Check("gradients, every parameter, float32 (relative)", error32, 1e-3,
+                  f"worst: {worst32}; float32 rounding: torch's own float32 gradients are "
+                  f"{torch_own:.1e} from float64")]
+
+
+def optimizer_steps(data: Mnist, steps: int, dtype) -> tuple[float, float]:
+    """`steps` SGD steps of each framework's own train step from the same weights on the same
+    batches, in `dtype`: (largest loss gap, largest relative weight/statistics gap at the end)."""
+    config = dataclasses.replace(NO_NOISE, epochs=1)
+    torch_model = warmed_torch_model("net", data).train()
+    variables = torch_to_flax(torch_model.state_dict(), "net")
+    torch_model = torch_model.to(torch.float64 if dtype == np.float64 else torch.float32)
+    optimizer, scheduler = torch_train.create_optimizer(torch_model, config, steps)
+    generator = torch.Generator()
+    model = create_flax_model("net", 0.0)
+    tx = flax_train.create_optimizer(config, steps)
+    loss_gap = 0.0
+    with jax.enable_x64(dtype == np.float64):
+        params, stats = jax.tree.map(lambda x: jnp.asarray(x, dtype),
+                                     (variables["params"], variables["batch_stats"]))
+        state = flax_train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                      batch_stats=stats, opt_state=tx.init(params))
+        step = jax.jit(flax_train.make_train_step(model, tx, config))
+        for i in range(steps):
+            images = data.train_images[i * BATCH:(i + 1) * BATCH]
+            labels = data.train_labels[i * BATCH:(i + 1) * BATCH]
+            torch_loss = torch_train.train_step(torch_model, optimizer, scheduler,
+                                                torch.from_numpy(images),
+                                                torch.from_numpy(labels).long(), config, generator)
+            state, metrics = step(state, (jnp.asarray(images), jnp.asarray(labels)),
+                                  jax.random.key(i))
+            loss_gap = max(loss_gap, abs(float(metrics["loss"]) - torch_loss.item()))
+        final = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+    converted = flax_to_torch(final, "net")
+    param_gap = max(max_abs(converted[k], p.detach()) / max(float(p.abs().max()), 1e-12)
+                    for k, p in torch_model.state_dict().items() if p.is_floating_point())
+    return loss_gap, param_gap
+
+
+def check_optimizer_steps(data: Mnist, steps: int = 100) -> list[Check]:
+    """4. `steps` optimizer steps: exact maths in float64; the float32 drift, reported."""
+    loss64, params64 = optimizer_steps(data, steps, np.float64)
+    loss32, params32 = optimizer_steps(data, steps, np.float32)
+    drift = (f"float32 rounding differences grow chaotically at the peak rate: after {steps} "
+             f"steps the weights differ by {params32:.2g} (relative)")
+    return [Check(f"{steps} SGD steps, float64: loss, max |difference|", loss64, 1e-6),
+            Check(f"{steps} SGD steps, float64: weights and stats (relative)", params64, 1e-5),
+            Check(f"{steps} SGD steps, float32: loss, max |difference|", loss32, 0.1, drift)]
+
+
+def check_schedule(num_train: int = 60_000) -> list[Check]:
+    """5. The learning rate at every step of a full default run."""
+    config = Config()
+    total = config.epochs * config.steps_per_epoch(num_train)
+    optimizer, scheduler = torch_train.create_optimizer(torch.nn.Linear(1, 1), config, total)
+    torch_lrs = []
+    for _ in range(total):
+        torch_lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    flax_lrs = np.asarray(jax.jit(jax.vmap(flax_train.onecycle_schedule(config, total)))(
+        jnp.arange(total)))
+    relative = np.max(np.abs(flax_lrs - np.array(torch_lrs)) / np.array(torch_lrs))
+    return [Check(f"learning rate, all {total} steps (relative)", float(relative), 1e-5,
+                  "float32 (Optax) vs float64 (torch)")]
+
+
+def check_rotation(data: Mnist) -> list[Check]:
+    """6. The same angles rotate the same images identically."""
+    images = pixels(data.train_images[:BATCH])
+    angles = np.random.default_rng(0).uniform(-7, 7, BATCH).astype(np.float32)
+    by_torch = torch_rotate(torch.from_numpy(images)[:, None], torch.from_numpy(angles))
+    by_flax = flax_rotate(jnp.asarray(images)[..., None], jnp.asarray(angles))
+    return [Check("rotation, same angles", max_abs(by_torch[:, 0], by_flax[..., 0]), 1e-5)]
+
+
+def test_accuracy_torch(model: torch.nn.Module, data: Mnist) -> int:
+    return torch_train.evaluate(model.eval(), torch.from_numpy(data.test_images),
+                                torch.from_numpy(data.test_labels).long(), 1000)[1]
+
+
+def test_accuracy_flax(variables: dict, data: Mnist) -> int:
+    evaluate = flax_train.make_evaluate(
+        create_flax_model("net", 0.0), 1000,
+        jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
+                                   jax.sharding.PartitionSpec("data")))
+    return int(evaluate(variables, jnp.asarray(data.test_images),
+                        jnp.asarray(data.test_labels))[1])
+
+
+def check_trained_models(data: Mnist, steps: int = 150) -> list[Check]:
+    """7. Train briefly in each framework; the converted model scores the same in the other."""
+    config = dataclasses.replace(NO_NOISE, epochs=1)
+    torch.manual_seed(0)
+    torch_model = create_torch_model("net", dropout=0.0)
+    optimizer, scheduler = torch_train.create_optimizer(torch_model, config, steps)
+    generator = torch.Generator()
+    for i in range(steps):
+        torch_model.train()
+        torch_train.train_step(torch_model, optimizer, scheduler,
+                               torch.from_numpy(data.train_images[i * BATCH:(i + 1) * BATCH]),
+                               torch.from_numpy(data.train_labels[i * BATCH:(i + 1) * BATCH]).long(),
+                               config, generator)
+    torch_correct = test_accuracy_torch(torch_model, data)
+    flax_correct = test_accuracy_flax(torch_to_flax(torch_model.state_dict()), data)
+
+    model, tx, state, _ = flax_train.build(config, steps)
+    step = jax.jit(flax_train.make_train_step(model, tx, config))
+    for i in range(steps):
+        batch = (jnp.asarray(data.train_images[i * BATCH:(i + 1) * BATCH]),
+                 jnp.asarray(data.train_labels[i * BATCH:(i + 1) * BATCH]))
+        state, _ = step(state, batch, jax.random.key(i))
+    variables = flax_train.variables_of(state)
+    flax_native = test_accuracy_flax(variables, data)
+    back = create_torch_model("net", dropout=0.0)
+    back.load_state_dict(flax_to_torch(variables))
+    torch_converted = test_accuracy_torch(back, data)
+    return [Check("torch-trained, test accuracy in Flax (images differing)",
+                  abs(flax_correct - torch_correct), 0,
+                  f"{torch_correct} vs {flax_correct} correct of {len(data.test_images)}"),
+            Check("Flax-trained, test accuracy in torch (images differing)",
+                  abs(flax_native - torch_converted), 0,
+                  f"{flax_native} vs {torch_converted} correct of {len(data.test_images)}")]
+
+
+def all_checks(data: Mnist) -> list[Callable[[], list[Check]]]:
+    """Every check, as a thunk, in the order of the module docstring."""
+    return [lambda: check_eval_outputs(data, "net", 1e-5),
+            lambda: check_eval_outputs(data, "seednet", 1e-4),
+            lambda: check_train_mode(data),
+            lambda: check_optimizer_steps(data),
+            lambda: check_schedule(len(data.train_images)),
+            lambda: check_rotation(data),
+            lambda: check_trained_models(data)]
+
+
+def format_rows(checks: list[Check]) -> str:
+    """The results as an aligned table."""
+    rows = [("check", "error", "tolerance", "pass", "")]
+    rows += [(c.name, f"{c.error:.3g}", f"{c.tolerance:.0e}" if c.tolerance else "0",
+              "PASS" if c.passed else "FAIL", c.detail) for c in checks]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m compare.parity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-source", default="auto")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    data = load_mnist(args.data_source)
+    checks = [check for run in all_checks(data) for check in run()]
+    print(format_rows(checks))
+    failed = [c.name for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
