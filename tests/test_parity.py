@@ -1,0 +1,53 @@
+"""Cross-framework regression tests: the compare.parity checks, each must pass (real MNIST)."""
+
+from __future__ import annotations
+
+import pytest
+
+from compare import parity
+from flax_impl.data import load_mnist
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def mnist(monkeypatch_module):
+    return load_mnist()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MNIST20K_CACHE", raising=False)  # the user's real cache
+        yield patch
+
+
+def assert_all_pass(checks):
+    failed = [f"{c.name}: {c.error:.3g} > {c.tolerance:g}" for c in checks if not c.passed]
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("model, tolerance", [("net", 1e-5), ("seednet", 1e-4)])
+def test_eval_outputs_agree_after_conversion_both_ways(mnist, model, tolerance):
+    assert_all_pass(parity.check_eval_outputs(mnist, model, tolerance))
+
+
+def test_train_mode_outputs_running_stats_and_gradients_agree(mnist):
+    assert_all_pass(parity.check_train_mode(mnist))
+
+
+def test_hundred_optimizer_steps_agree_exactly_in_float64(mnist):
+    # (the float32 drift is reported by `python -m compare.parity`; it asserts nothing)
+    assert_all_pass(parity.check_optimizer_steps(mnist, float32_drift=False))
+
+
+def test_learning_rate_schedule_agrees_at_every_step():
+    assert_all_pass(parity.check_schedule())
+
+
+def test_rotation_agrees_for_the_same_angles(mnist):
+    assert_all_pass(parity.check_rotation(mnist))
+
+
+def test_trained_model_scores_the_same_in_the_other_framework(mnist):
+    assert_all_pass(parity.check_trained_models(mnist))
