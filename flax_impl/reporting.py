@@ -103,3 +103,27 @@ def write_metrics(workdir: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl with `history` (atomically, so it always matches a checkpoint)."""
     text = "".join(json.dumps({k: m[k] for k in METRIC_KEYS}) + "\n" for m in history)
     atomic_write_text(workdir / METRICS_FILE, text)
+
+
+def write_curves(workdir: Path, history: list[dict]) -> Path:
+    """Plot train/test loss and test accuracy per epoch into `workdir/curves.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
+    loss_axis.plot(epochs, [m["test_loss"] for m in history], "o-", label="test")
+    loss_axis.set(xlabel="epoch", ylabel="NLL loss", yscale="log", title="Loss")
+    loss_axis.legend()
+    accuracy_axis.plot(epochs, [100 * m["test_accuracy"] for m in history], "o-", color="C2")
+    accuracy_axis.axhline(99.4, color="grey", linestyle="--", label="99.4 % target")
+    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    accuracy_axis.legend()
+    figure.tight_layout()
+    path = workdir / "curves.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from flax_impl.reporting import (
     prepare_workdir,
     summary_line,
     test_line,
+    write_curves,
     write_metrics,
 )
 
@@ -189,10 +192,10 @@ def epoch_plan(key: jax.Array, epoch: int, num_train: int, steps: int, batch_siz
     return indices, jax.random.split(jax.random.fold_in(epoch_key, 1), steps)
 
 
-def chunks(steps: int, steps_per_call: int) -> list[tuple[int, int]]:
-    """(start, stop) step ranges of at most `steps_per_call` steps covering `steps`."""
+def chunks(steps: int, steps_per_call: int, first: int = 0) -> list[tuple[int, int]]:
+    """(start, stop) step ranges of at most `steps_per_call` steps covering `first` to `steps`."""
     return [(start, min(start + steps_per_call, steps))
-            for start in range(0, steps, steps_per_call)]
+            for start in range(first, steps, steps_per_call)]
 
 
 def default_steps_per_call() -> int:
@@ -200,10 +203,44 @@ def default_steps_per_call() -> int:
     return 39 if jax.default_backend() == "cpu" else 1
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped early (divergence or a signal); described in one line."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
-    """Orbax manager of the per-epoch checkpoints in `workdir/checkpoints` (latest two kept)."""
+    """Orbax manager of `workdir/checkpoints`, named by global step; the latest two are kept.
+
+    Orbax writes each checkpoint to a temporary directory and renames it when complete.
+    """
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
     return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, progress: dict) -> None:
+    """Save `state` and where training stands (`epoch`, steps done in it, their loss sum)."""
+    manager.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState
+                       ) -> tuple[TrainState, dict] | None:
+    """The latest (state, progress), None without a checkpoint; WorkdirError if it is damaged."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax/tensorstore raise many kinds for damaged files
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise WorkdirError(f"checkpoint {manager.directory / str(step)} is corrupt or partial "
+                           f"({reason}); delete it to use the previous one, or --overwrite") from None
+    return restored.state, restored.progress
 
 
 def build(config: Config, steps: int):
@@ -214,24 +251,63 @@ def build(config: Config, steps: int):
     return model, tx, create_train_state(init_key, model, tx), train_key
 
 
+def load_config(workdir: str | Path) -> Config:
+    """The Config recorded in a training workdir's config.json."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise WorkdirError(f"{workdir} is not a training workdir (no {CONFIG_FILE}); train "
+                           f"with --workdir first")
+    record = json.loads(path.read_text())
+    return Config(**{k: v for k, v in record.items() if k in Config.__dataclass_fields__})
+
+
 def restore_variables(workdir: str | Path) -> dict:
     """The variables ({"params", "batch_stats"}) of the latest checkpoint in a training workdir."""
-    workdir = Path(workdir)
-    record = json.loads((workdir / CONFIG_FILE).read_text())
-    config = Config(**{k: v for k, v in record.items() if k in Config.__dataclass_fields__})
+    config = load_config(workdir)
     _, _, state, _ = build(config, steps=1)
-    with checkpoint_manager(workdir) as manager:
-        if manager.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINT_DIR}")
-        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-    return variables_of(state)
+    with checkpoint_manager(Path(workdir)) as manager:
+        restored = restore_checkpoint(manager, state)
+    if restored is None:
+        raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
+    return variables_of(restored[0])
+
+
+class StopRequests:
+    """Turns SIGINT/SIGTERM into a request to stop at the next chunk boundary (while active).
+
+    A second signal acts as usual (KeyboardInterrupt, or termination).
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train(config: Config, workdir: Path | None = None, resume: bool = False,
           overwrite: bool = False, steps_per_call: int | None = None,
           devices: list | None = None) -> list[dict]:
     """Train `config` on `devices` (default: all local ones); print the seed-style log; return the
-    per-epoch metrics."""
+    per-epoch metrics.
+
+    With a workdir, a checkpoint is saved after every epoch and when SIGINT/SIGTERM asks to stop
+    (raising TrainingStopped after saving); a NaN/inf loss raises TrainingStopped at once, leaving
+    the last good checkpoint. `resume` continues from the latest checkpoint, mid-epoch included.
+    """
     history = prepare_workdir(workdir, config, "flax", resume, overwrite) if workdir else []
     data = load_mnist(config.data_source)
     count = config.train_examples or len(data.train_images)
@@ -253,38 +329,73 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
     train_chunk = make_train_chunk(make_train_step(model, tx, config), batch_sharding)
     evaluate = make_evaluate(model, config.eval_batch_size, batch_sharding)
     manager = checkpoint_manager(workdir) if workdir else None
-    if resume and manager and manager.latest_step() is not None:
-        done = manager.latest_step()
-        state = manager.restore(done, args=ocp.args.StandardRestore(state))
-        history = history[:done]
-        print(f"Resumed from {workdir / CHECKPOINT_DIR} after epoch {done}")
+    progress = {"epoch": 1, "steps": 0, "loss_sum": 0.0}
+    restored = restore_checkpoint(manager, state) if resume and manager else None
+    if restored:
+        state, progress = restored
+        state = jax.device_put(state, replicated)
+        if progress["steps"] == steps:  # a finished epoch
+            progress = {"epoch": progress["epoch"] + 1, "steps": 0, "loss_sum": 0.0}
+        history = history[:progress["epoch"] - 1]
+        print(f"Resumed from {workdir / CHECKPOINT_DIR}: epoch {progress['epoch']}, "
+              f"step {progress['steps']}/{steps}")
 
     steps_per_call = steps_per_call or default_steps_per_call()
-    for epoch in range(len(history) + 1, config.epochs + 1):
-        start = time.perf_counter()
-        indices, keys = epoch_plan(train_key, epoch, count, steps, config.batch_size)
-        loss_sum = 0.0
-        with epoch_bar(epoch, config.epochs, steps) as bar:
-            for first, stop in chunks(steps, steps_per_call):
-                state, metrics = train_chunk(state, train_images, train_labels,
-                                             indices[first:stop], keys[first:stop])
-                loss_sum += float(metrics["loss"].sum())  # the only host sync: for the bar
-                bar.update(stop - first)
-                bar.set_postfix_str(f"loss={loss_sum / stop:.4f}")
-        loss_total, correct = evaluate(variables_of(state), test_images, test_labels)
-        test_loss, correct = float(loss_total) / len(test_images), int(correct)
-        print(test_line(test_loss, correct, len(test_images)), flush=True)
-        history.append({"epoch": epoch, "train_loss": loss_sum / steps, "test_loss": test_loss,
-                        "test_accuracy": correct / len(test_images),
-                        "seconds": time.perf_counter() - start})
+    try:
+        with StopRequests() as stop:
+            for epoch in range(progress["epoch"], config.epochs + 1):
+                start = time.perf_counter()
+                indices, keys = epoch_plan(train_key, epoch, count, steps, config.batch_size)
+                done, loss_sum = (progress["steps"], progress["loss_sum"]) if (
+                    epoch == progress["epoch"]) else (0, 0.0)
+                with epoch_bar(epoch, config.epochs, steps) as bar:
+                    bar.update(done)
+                    for first, stop_step in chunks(steps, steps_per_call, done):
+                        if stop.signal is not None:
+                            interrupted(stop.signal, manager, state, epoch, first, loss_sum)
+                        state, metrics = train_chunk(state, train_images, train_labels,
+                                                     indices[first:stop_step],
+                                                     keys[first:stop_step])
+                        chunk_loss = float(metrics["loss"].sum())  # the only host sync (the bar)
+                        if not math.isfinite(chunk_loss):
+                            raise TrainingStopped(
+                                f"the training loss became {chunk_loss} in epoch {epoch} "
+                                f"(steps {first + 1}-{stop_step}); stopped. Last good checkpoint: "
+                                f"{manager.latest_step() if manager else None} (global step); "
+                                f"try a lower --lr", exit_code=3)
+                        loss_sum += chunk_loss
+                        bar.update(stop_step - first)
+                        bar.set_postfix_str(f"loss={loss_sum / stop_step:.4f}")
+                loss_total, correct = evaluate(variables_of(state), test_images, test_labels)
+                test_loss, correct = float(loss_total) / len(test_images), int(correct)
+                print(test_line(test_loss, correct, len(test_images)), flush=True)
+                history.append({"epoch": epoch, "train_loss": loss_sum / steps,
+                                "test_loss": test_loss,
+                                "test_accuracy": correct / len(test_images),
+                                "seconds": time.perf_counter() - start})
+                if manager:
+                    save_checkpoint(manager, state, {"epoch": epoch, "steps": steps,
+                                                     "loss_sum": loss_sum})
+                    write_metrics(workdir, history)
+                    write_curves(workdir, history)
+    finally:
         if manager:
-            manager.save(epoch, args=ocp.args.StandardSave(state))
-            manager.wait_until_finished()
-            write_metrics(workdir, history)
-    if manager:
-        manager.close()
+            manager.close()
     print(summary_line(history))
     return history
+
+
+def interrupted(signum: int, manager, state: TrainState, epoch: int, steps_done: int,
+                loss_sum: float):
+    """Save a mid-epoch checkpoint (with a workdir) and raise TrainingStopped."""
+    name = signal.Signals(signum).name
+    if manager:
+        save_checkpoint(manager, state, {"epoch": epoch, "steps": steps_done,
+                                         "loss_sum": loss_sum})
+        where = f"saved a checkpoint at epoch {epoch}, step {steps_done}; continue with --resume"
+    else:
+        where = "nothing saved (no --workdir)"
+    raise TrainingStopped(f"{name}: stopped; {where}", exit_code=128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, WorkdirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"error: {stopped}" if stopped.exit_code == 3 else str(stopped), file=sys.stderr)
+        return stopped.exit_code
     return 0
 
 

@@ -24,6 +24,7 @@ from flax_impl.reporting import (
     prepare_workdir,
     summary_line,
     test_line,
+    write_curves,
     write_metrics,
 )
 from torch_ref.augment import random_rotate
@@ -130,6 +131,7 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                         "torch_rng": torch.get_rng_state(), "epoch": epoch}, checkpoint)
             write_metrics(workdir, history)
+            write_curves(workdir, history)
     if workdir:
         torch.save(model.state_dict(), workdir / MODEL_FILE)
     print(summary_line(history))
