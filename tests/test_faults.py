@@ -1,0 +1,129 @@
+"""Training that survives faults: signals, kill -9, NaN, damaged checkpoints, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flax_impl import train as flax_train
+from flax_impl.reporting import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def command(source: str, workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flax_impl.train", "--data-source", source, "--epochs", "12",
+            "--batch-size", "32", "--steps-per-call", "2", "--workdir", str(workdir), *extra]
+
+
+def start_and_stop(source: str, workdir: Path, signum: int) -> subprocess.CompletedProcess:
+    """Start a run, send `signum` once an epoch has finished and the next is under way."""
+    process = subprocess.Popen(command(source, workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(read_metrics(workdir / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_idx_source, tmp_path_factory) -> list[dict]:
+    workdir = tmp_path_factory.mktemp("straight")
+    subprocess.run(command(tiny_idx_source, workdir), cwd=ROOT, check=True, capture_output=True)
+    return read_metrics(workdir / "metrics.jsonl")
+
+
+def assert_same_end(resumed: list[dict], straight: list[dict]) -> None:
+    assert [m["epoch"] for m in resumed] == [m["epoch"] for m in straight]
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        assert resumed[-1][key] == straight[-1][key]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(
+        tiny_idx_source, tmp_path, uninterrupted, signum):
+    stopped = start_and_stop(tiny_idx_source, tmp_path, signum)
+    assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
+    assert "saved a checkpoint at epoch" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    resumed = subprocess.run(command(tiny_idx_source, tmp_path, "--resume"), cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resumed from" in resumed.stdout
+    assert_same_end(read_metrics(tmp_path / "metrics.jsonl"), uninterrupted)
+
+
+def test_kill_9_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tiny_idx_source, tmp_path,
+                                                                     uninterrupted):
+    killed = start_and_stop(tiny_idx_source, tmp_path, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run(command(tiny_idx_source, tmp_path, "--resume"), cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_end(read_metrics(tmp_path / "metrics.jsonl"), uninterrupted)
+
+
+def test_nan_loss_stops_at_once_with_one_line(tiny_idx_source, tmp_path, capsys):
+    code = flax_train.main(["--data-source", tiny_idx_source, "--epochs", "3", "--lr", "1e8",
+                            "--batch-size", "32", "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "error: the training loss became nan in epoch 1" in err
+    assert read_metrics(tmp_path / "metrics.jsonl") == []  # nothing after the last good state
+
+
+def test_damaged_checkpoint_is_reported_not_loaded(tiny_idx_source, tmp_path, capsys):
+    args = ["--data-source", tiny_idx_source, "--epochs", "1", "--batch-size", "64",
+            "--workdir", str(tmp_path)]
+    assert flax_train.main(args) == 0
+    latest = max((tmp_path / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    for path in latest.rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    capsys.readouterr()
+    assert flax_train.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint ") and "is corrupt or partial" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_workdir_of_another_run_is_refused_without_resume_or_overwrite(tiny_idx_source, tmp_path,
+                                                                       capsys):
+    args = ["--data-source", tiny_idx_source, "--epochs", "1", "--batch-size", "64",
+            "--workdir", str(tmp_path)]
+    assert flax_train.main(args) == 0
+    assert flax_train.main([*args, "--lr", "0.05"]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert flax_train.main([*args, "--lr", "0.05", "--resume"]) == 2
+    assert "different config (lr)" in capsys.readouterr().err
+    assert flax_train.main([*args, "--lr", "0.05", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--batch-size", "1024"], "--batch-size 1024 is larger than the 512 training images"),
+    (["--data-source", "nowhere"], "unknown data source 'nowhere'"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tiny_idx_source, capsys, flags, message):
+    assert flax_train.main(["--data-source", tiny_idx_source, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {err.removeprefix('error: ')}" and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_unknown_model_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        flax_train.main(["--model", "resnet"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'resnet'" in capsys.readouterr().err
