@@ -111,6 +111,7 @@ def write_curves(workdir: Path, history: list[dict]) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [m["epoch"] for m in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -122,6 +123,8 @@ def write_curves(workdir: Path, history: list[dict]) -> Path:
     accuracy_axis.axhline(99.4, color="grey", linestyle="--", label="99.4 % target")
     accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     accuracy_axis.legend()
+    for axis in (loss_axis, accuracy_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     path = workdir / "curves.png"
     figure.savefig(path, dpi=100)

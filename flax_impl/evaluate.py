@@ -1,0 +1,107 @@
+"""Evaluate a trained model on the test set: `python -m flax_impl.evaluate --workdir DIR`.
+
+Prints the test accuracy and per-class accuracy and writes two pictures into the workdir (or
+`--out`): `confusion.png`, the confusion matrix, and `errors.png`, misclassified test digits with
+their true and predicted labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from flax_impl.data import DataError, load_mnist
+from flax_impl.predict import load_trained
+from flax_impl.reporting import WorkdirError
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int = 10) -> np.ndarray:
+    """counts[true, predicted]."""
+    counts = np.zeros((classes, classes), np.int64)
+    np.add.at(counts, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
+    return counts
+
+
+def plot_confusion(counts: np.ndarray, path: Path) -> None:
+    """The confusion matrix as a picture, counts written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 6))
+    shown = np.log1p(counts)
+    axis.imshow(shown, cmap="Blues")
+    for (true, predicted), count in np.ndenumerate(counts):
+        if count:
+            axis.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+                      color="white" if shown[true, predicted] > shown.max() / 2 else "black")
+    axis.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
+             title=f"Confusion matrix ({np.trace(counts)}/{counts.sum()} correct)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_errors(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, path: Path,
+                limit: int = 48) -> None:
+    """A grid of misclassified digits titled 'true -> predicted'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(labels != predictions)[:limit]
+    columns = 8
+    rows = max(1, -(-len(wrong) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5))
+    for axis in np.ravel(axes):
+        axis.axis("off")
+    for axis, index in zip(np.ravel(axes), wrong, strict=False):
+        axis.imshow(images[index], cmap="gray")
+        axis.set_title(f"{labels[index]} -> {predictions[index]}", fontsize=9, color="C3")
+    figure.suptitle(f"Misclassified test digits (true -> predicted), {len(wrong)} shown")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m flax_impl.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, type=Path, help="a training workdir")
+    parser.add_argument("--data-source", default=None,
+                        help="default: the source the model was trained with")
+    parser.add_argument("--out", type=Path, default=None, help="where the pictures go")
+    args = parser.parse_args(argv)
+    try:
+        log_probs, config = load_trained(args.workdir)
+        data = load_mnist(args.data_source or config.data_source)
+    except (WorkdirError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    images, labels = data.test_images, data.test_labels
+    predictions = np.concatenate([
+        np.asarray(log_probs(jnp.asarray(images[i:i + 1000]))).argmax(-1)
+        for i in range(0, len(images), 1000)])
+    counts = confusion_matrix(labels, predictions)
+    correct = int(np.trace(counts))
+    print(f"Test accuracy: {correct}/{len(labels)} ({100 * correct / len(labels):.2f}%)")
+    print("Per class: " + ", ".join(
+        f"{digit}: {100 * counts[digit, digit] / max(counts[digit].sum(), 1):.2f}%"
+        for digit in range(10)))
+    out = args.out or args.workdir
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion(counts, out / "confusion.png")
+    plot_errors(images, labels, predictions, out / "errors.png")
+    print(f"Wrote {out / 'confusion.png'} and {out / 'errors.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

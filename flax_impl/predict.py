@@ -1,0 +1,114 @@
+"""Classify digit images with a trained model: `python -m flax_impl.predict --workdir DIR IMAGE...`.
+
+Any PNG/JPEG (any size, colour or grey) is preprocessed the way MNIST was made: grey, inverted if
+it is dark-on-light, cropped to the digit, scaled to fit 20x20, centred by its centre of mass in
+28x28, normalised. Prints per file the digit and its probability (`--top K` for the K best).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from flax_impl.data import normalize
+from flax_impl.model import create_model
+from flax_impl.reporting import WorkdirError
+from flax_impl.train import load_config, restore_variables
+
+
+class ImageError(ValueError):
+    """An image that cannot be classified, described in one line."""
+
+
+def load_trained(workdir: str | Path):
+    """(jitted log-probability function of uint8 (B, 28, 28) images, config) of a workdir."""
+    if not Path(workdir).is_dir():
+        raise WorkdirError(f"--workdir {workdir}: no such directory; train with "
+                           f"`python -m flax_impl.train --workdir {workdir}` first")
+    config = load_config(workdir)
+    variables = restore_variables(workdir)
+    model = create_model(config.model, config.dropout)
+
+    @jax.jit
+    def log_probs(images):
+        return model.apply(variables, normalize(images[..., None].astype(jnp.float32) / 255.0))
+
+    return log_probs, config
+
+
+def mnist_style(image: Image.Image) -> np.ndarray:
+    """Any picture of one digit -> uint8 (28, 28), white digit on black, as MNIST's were made."""
+    grey = np.asarray(image.convert("L"), np.float32)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if np.median(border) > 127:  # dark digit on a light background
+        grey = 255.0 - grey
+    grey = np.clip(grey - np.median(border if np.median(border) <= 127 else 255.0 - border),
+                   0, 255)
+    mask = grey > 0.25 * grey.max() if grey.max() > 0 else np.zeros_like(grey, bool)
+    if not mask.any():
+        raise ImageError("no digit found (the image is blank)")
+    rows, cols = np.nonzero(mask)
+    crop = grey[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scale = 20.0 / max(crop.shape)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    digit = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize(size, Image.LANCZOS),
+                       np.float32)
+    canvas = np.zeros((28, 28), np.float32)
+    top, left = (28 - digit.shape[0]) // 2, (28 - digit.shape[1]) // 2
+    canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    total = canvas.sum()
+    if total > 0:
+        grid_rows, grid_cols = np.indices(canvas.shape)
+        shift = (round(13.5 - (grid_rows * canvas).sum() / total),
+                 round(13.5 - (grid_cols * canvas).sum() / total))
+        canvas = np.roll(canvas, shift, axis=(0, 1))
+    return np.clip(canvas, 0, 255).astype(np.uint8)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A file -> MNIST-style uint8 (28, 28); ImageError with one line if it cannot be."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return mnist_style(image)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (PNG, JPEG, ...)") from None
+    except (OSError, SyntaxError) as error:
+        raise ImageError(f"{path}: unreadable image ({error})") from None
+    except ImageError as error:
+        raise ImageError(f"{path}: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m flax_impl.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, type=Path, help="a training workdir")
+    parser.add_argument("--top", type=int, default=1, help="show the K most likely digits")
+    parser.add_argument("images", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    if not 1 <= args.top <= 10:
+        parser.error(f"--top must be between 1 and 10, got {args.top}")
+    try:
+        log_probs, _ = load_trained(args.workdir)
+        images = np.stack([read_image(path) for path in args.images])
+    except (WorkdirError, ImageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    probabilities = np.exp(np.asarray(log_probs(jnp.asarray(images))))
+    for path, probs in zip(args.images, probabilities, strict=True):
+        best = np.argsort(-probs)[:args.top]
+        print(f"{path}: " + ", ".join(f"{d} ({100 * probs[d]:.1f}%)" for d in best))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""predict and evaluate: MNIST-style preprocessing, the commands, their errors, the pictures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flax_impl import evaluate, predict
+from flax_impl import train as flax_train
+from flax_impl.config import Config
+from flax_impl.data import load_mnist
+from tests.conftest import synthetic_mnist
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_mnist():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MNIST20K_CACHE", raising=False)  # the user's real cache
+        yield load_mnist()
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """Net after one short epoch on real MNIST (about 97 % test accuracy)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MNIST20K_CACHE", raising=False)
+        flax_train.train(Config(epochs=1, train_examples=12_800), workdir)
+    return workdir
+
+
+def dark_on_light_photo(digit: np.ndarray, path) -> None:
+    """A big RGB picture of a dark digit on a light background, off centre."""
+    big = Image.fromarray(255 - digit).resize((150, 180)).convert("RGB")
+    canvas = Image.new("RGB", (400, 300), (250, 245, 240))
+    canvas.paste(big, (30, 100))
+    canvas.save(path)
+
+
+def test_mnist_style_preprocessing_inverts_crops_fits_and_centres():
+    image = Image.new("RGB", (300, 200), (255, 255, 255))
+    image.paste((0, 0, 0), (20, 30, 60, 190))  # a dark bar 40 wide, 160 high, near the left
+    digit = predict.mnist_style(image)
+    assert digit.shape == (28, 28) and digit.dtype == np.uint8
+    assert digit[0, 0] == 0 and digit.max() > 200  # white on black
+    rows, cols = np.nonzero(digit > 50)
+    assert rows.max() - rows.min() + 1 <= 21 and cols.max() - cols.min() + 1 <= 8
+    grid_rows, grid_cols = np.indices(digit.shape)
+    mass = digit.astype(float).sum()
+    assert abs((grid_rows * digit).sum() / mass - 13.5) <= 1.0
+    assert abs((grid_cols * digit).sum() / mass - 13.5) <= 1.0
+
+
+@pytest.mark.realdata
+def test_predict_prints_the_digit_and_its_probability(trained_workdir, real_mnist, tmp_path,
+                                                      capsys):
+    paths = []
+    for i in range(10):
+        paths.append(tmp_path / f"digit{i}_{real_mnist.test_labels[i]}.png")
+        Image.fromarray(real_mnist.test_images[i]).save(paths[-1])
+    assert predict.main(["--workdir", str(trained_workdir), "--top", "3",
+                         *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 10
+    assert all(line.count("%)") == 3 for line in lines)
+    right = sum(line.split(": ")[1].startswith(path.stem[-1]) for line, path in
+                zip(lines, paths, strict=True))
+    assert right >= 8
+
+
+@pytest.mark.realdata
+def test_predict_handles_photos_of_dark_digits_on_light_paper(trained_workdir, real_mnist,
+                                                              tmp_path, capsys):
+    right = 0
+    for i in range(5):
+        path = tmp_path / f"photo{i}.jpg"
+        dark_on_light_photo(real_mnist.test_images[i], path)
+        assert predict.main(["--workdir", str(trained_workdir), str(path)]) == 0
+        right += capsys.readouterr().out.startswith(f"{path}: {real_mnist.test_labels[i]} (")
+    assert right >= 4
+
+
+@pytest.mark.parametrize("damage, message", [("text", "not an image"),
+                                             ("truncated", "unreadable image")])
+def test_bad_images_are_one_line_errors(trained_workdir, tmp_path, capsys, damage, message):
+    path = tmp_path / "bad.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(path)
+    path.write_bytes(b"hello" if damage == "text" else path.read_bytes()[:200])
+    assert predict.main(["--workdir", str(trained_workdir), str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_missing_workdir_or_checkpoint_is_one_line_error(tmp_path, capsys, trained_workdir):
+    image = tmp_path / "x.png"
+    Image.fromarray(synthetic_mnist(0, 1).test_images[0]).save(image)
+    assert predict.main(["--workdir", str(tmp_path / "nope"), str(image)]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((trained_workdir / "config.json").read_text())
+    assert evaluate.main(["--workdir", str(empty)]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_evaluate_reports_accuracy_and_draws_the_pictures(trained_workdir, real_mnist, tmp_path,
+                                                          capsys):
+    assert evaluate.main(["--workdir", str(trained_workdir), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    correct = int(out.split("Test accuracy: ")[1].split("/")[0])
+    assert correct > 9000 and "/10000 (" in out and "Per class: 0: " in out
+    for name in ("confusion.png", "errors.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.size[0] > 300
+    assert (trained_workdir / "curves.png").is_file()
+
+
+def test_confusion_matrix_counts_true_by_predicted():
+    counts = evaluate.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+    np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
