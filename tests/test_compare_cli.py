@@ -1,0 +1,75 @@
+"""The compare commands: params, accuracy, speed (a smoke run; speed is never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compare import accuracy, params, speed
+
+
+def test_params_table_matches_and_net_is_under_20k(capsys):
+    assert params.main(["--model", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: MATCH; under 20,000 parameters" in out
+    assert "total: flax 6,379,786, torch 6,379,786" in out
+
+
+def test_params_json_counts_come_from_the_models(capsys):
+    assert params.main(["--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["flax_total"] == table["torch_total"] == sum(r["flax_count"]
+                                                              for r in table["rows"])
+    assert table["ok"] and table["under_limit"]
+
+
+def test_params_flags_a_mismatch(monkeypatch, capsys):
+    real = params.flax_shapes
+
+    def one_wrong(model):
+        shapes = dict(real(model))
+        shapes["params", ("head", "bias")] = (11,)
+        return shapes
+
+    monkeypatch.setattr(params, "flax_shapes", one_wrong)
+    assert params.main([]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def write_runs(root, finals: dict[str, list[float]]):
+    for framework, accuracies in finals.items():
+        (root / framework).mkdir(parents=True)
+        for seed, final in enumerate(accuracies):
+            records = [{"epoch": e, "train_loss": 0.1, "test_loss": 0.02,
+                        "test_accuracy": final - 0.001 * (2 - e), "seconds": 60.0}
+                       for e in (1, 2)]
+            (root / framework / f"seed{seed}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_accuracy_summarises_both_frameworks_and_draws_curves(tmp_path, capsys):
+    write_runs(tmp_path, {"flax": [0.995, 0.996], "torch": [0.9955, 0.9945]})
+    assert accuracy.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "99.55 ± 0.07" in out and "verdict: every run ends at >= 99.4 %" in out
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+
+
+def test_accuracy_fails_when_a_run_misses_the_target(tmp_path, capsys):
+    write_runs(tmp_path, {"flax": [0.995, 0.993], "torch": [0.995]})
+    assert accuracy.main(["--results", str(tmp_path)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_speed_benchmark_runs_and_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MNIST20K_CACHE")
+    out = tmp_path / "speed.json"
+    assert speed.main(["--steps", "4", "--steps-per-call", "2", "--no-epoch",
+                       "--json", str(out)]) == 0
+    assert "training images/s" in capsys.readouterr().out
+    numbers = json.loads(out.read_text())
+    assert numbers["flax"]["step"]["n"] == 2 and numbers["torch"]["step"]["n"] == 4
+    assert numbers["flax"]["train_flops_per_image"] > 1e6
