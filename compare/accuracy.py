@@ -88,7 +88,7 @@ def plot(runs: dict, path: Path) -> None:
 
     figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     for color, (framework, seeds) in zip(("C0", "C1"), runs.items(), strict=True):
-        for index, (seed, metrics) in enumerate(sorted(seeds.items())):
+        for index, (_seed, metrics) in enumerate(sorted(seeds.items())):
             epochs = [m["epoch"] for m in metrics]
             label = framework if index == 0 else None
             accuracy_axis.plot(epochs, [100 * m["test_accuracy"] for m in metrics], "o-",
