@@ -43,6 +43,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def peak_gflops() -> float | None:
+    """Rough float32 peak of this CPU: cores x clock x FLOPs per cycle (FMA: 2 per lane).
+
+    AVX-512 with FMA: 2 x 16 lanes x 2; AVX2 with FMA: 2 units x 8 lanes x 2 (Zen 2+, Haswell+).
+    """
+    try:
+        with open("/proc/cpuinfo") as file:
+            text = file.read()
+    except OSError:
+        return None
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
+    mhz = next((float(line.split(":")[1]) for line in text.splitlines()
+                if line.startswith("cpu MHz")), None)
+    if mhz is None or "fma" not in flags:
+        return None
+    per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
+    return (os.cpu_count() or 1) * mhz * 1e6 * per_cycle / 1e9
+
+
 def spread(times: list[float]) -> dict:
     """Median, quartiles and count of a list of seconds, in milliseconds."""
     q1, median, q3 = np.percentile(times, [25, 50, 75])
@@ -145,11 +164,30 @@ def bench_torch(data, config: Config, steps_timed: int, epoch: bool) -> dict:
     return result
 
 
+def ablation(data, config: Config, steps: int, steps_per_call: int) -> dict:
+    """Flax step medians without each speed-up: a Python loop of jitted single steps, and
+    XLA's own convolution gradients (`lax.conv_general_dilated`) instead of flax_impl.conv."""
+    from jax import lax
+
+    import flax_impl.model as flax_model
+
+    results = {"python_loop": bench_flax(data, config, steps, 1, False)["step"]["median_ms"]}
+    fast = flax_model.conv_general_dilated
+    flax_model.conv_general_dilated = lax.conv_general_dilated
+    try:
+        results["stock_conv"] = bench_flax(data, config, max(1, steps // steps_per_call),
+                                           steps_per_call, False)["step"]["median_ms"]
+    finally:
+        flax_model.conv_general_dilated = fast
+    return results
+
+
 def machine() -> dict:
     """Where the numbers come from."""
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "peak_gflops": peak_gflops()}
 
 
 def report(results: dict) -> str:
@@ -176,9 +214,16 @@ def report(results: dict) -> str:
     achieved = flops * 1e3 / f["step"]["median_ms"] * batch / 1e9
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, [30, 20, 20, 16], strict=True)).rstrip()
              for r in rows]
+    if "ablation" in results:
+        a = results["ablation"]
+        lines += ["", f"flax without its speed-ups (train step median): Python loop of jitted "
+                      f"steps {a['python_loop']:.1f} ms; XLA's conv gradients in the scan "
+                      f"{a['stock_conv']:.1f} ms; both on: {f['step']['median_ms']:.1f} ms"]
     m = results["machine"]
+    peak = results["machine"].get("peak_gflops")
+    of_peak = f" = {100 * achieved / peak:.0f} % of a {peak:.0f} GFLOP/s peak" if peak else ""
     lines += ["", f"training FLOPs per image (XLA count of the train step): {flops / 1e6:.1f} M; "
-                  f"achieved: flax {achieved:.1f} GFLOP/s",
+                  f"achieved: flax {achieved:.1f} GFLOP/s{of_peak}",
               f"machine: {m['cpu']}, {m['cores']} cores; jax {m['jax']} ({m['jax_backend']}, "
               f"{len(m['jax_devices'])} device(s)), torch {m['torch']} "
               f"({results['torch']['threads']} threads), python {m['python']}"]
@@ -193,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-call", type=int, default=None,
                         help="Flax steps per jitted scan (default: the product's)")
     parser.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time Flax without each speed-up (slow: two more compiles)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     parser.add_argument("--data-source", default="auto")
     args = parser.parse_args(argv)
@@ -204,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     results["torch"] = bench_torch(data, config, args.steps, not args.no_epoch)
     results["flax"] = bench_flax(data, config, max(1, args.steps // steps_per_call),
                                  steps_per_call, not args.no_epoch)
+    if args.ablation:
+        results["ablation"] = ablation(data, config, args.steps // 2, steps_per_call)
     print(report(results))
     if args.json:
         with open(args.json, "w") as file:
