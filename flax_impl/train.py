@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -328,6 +329,8 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
          data.test_labels), replicated)
     train_chunk = make_train_chunk(make_train_step(model, tx, config), batch_sharding)
     evaluate = make_evaluate(model, config.eval_batch_size, batch_sharding)
+    if workdir and not resume:  # a fresh run: no checkpoint of an earlier one may survive
+        shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)
     manager = checkpoint_manager(workdir) if workdir else None
     progress = {"epoch": 1, "steps": 0, "loss_sum": 0.0}
     restored = restore_checkpoint(manager, state) if resume and manager else None

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flax_impl import train as flax_train
@@ -106,6 +107,13 @@ def test_workdir_of_another_run_is_refused_without_resume_or_overwrite(tiny_idx_
     assert flax_train.main([*args, "--lr", "0.05", "--resume"]) == 2
     assert "different config (lr)" in capsys.readouterr().err
     assert flax_train.main([*args, "--lr", "0.05", "--overwrite"]) == 0
+    # The overwriting run's checkpoint replaced the first run's (same step number).
+    overwritten = flax_train.restore_variables(tmp_path)
+    assert flax_train.main([*args, "--overwrite"]) == 0
+    first_again = flax_train.restore_variables(tmp_path)
+    kernel = ("params", "head", "kernel")
+    pick = lambda v: v[kernel[0]][kernel[1]][kernel[2]]  # noqa: E731
+    assert not np.allclose(pick(overwritten), pick(first_again))
 
 
 @pytest.mark.parametrize("flags, message", [

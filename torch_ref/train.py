@@ -96,6 +96,8 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
     model = create_model(config.model, config.dropout)
     optimizer, scheduler = create_optimizer(model, config, config.epochs * steps)
     checkpoint = workdir / CHECKPOINT_FILE if workdir else None
+    if checkpoint and not resume:  # a fresh run: no checkpoint of an earlier one may survive
+        checkpoint.unlink(missing_ok=True)
     if resume and checkpoint and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
