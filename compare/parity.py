@@ -134,10 +134,10 @@ def train_mode_pass(data: Mnist, dtype=np.float32):
 
         grads, (flax_out, stats) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
         grads, flax_out, stats = jax.tree.map(np.asarray, (grads, flax_out, stats))
-    grads_as_torch = flax_to_torch({"params": grads, "batch_stats": stats}, "net")
-    stats_as_torch = flax_to_torch({"params": grads, "batch_stats": stats}, "net")
-    return (log_probs.detach().numpy(), flax_out, torch_model.state_dict(), stats_as_torch,
-            torch_grads, grads_as_torch)
+    # One torch-named dict holds both: the gradients (as weights) and the new running statistics.
+    as_torch = flax_to_torch({"params": grads, "batch_stats": stats}, "net")
+    return (log_probs.detach().numpy(), flax_out, torch_model.state_dict(), as_torch,
+            torch_grads, as_torch)
 
 
 def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict) -> tuple[str, float]:

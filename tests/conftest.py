@@ -53,6 +53,18 @@ def write_idx_dir(directory: Path, mnist: Mnist, compress: bool = False) -> Path
     return directory
 
 
+def crash_in_epoch(monkeypatch, train_module, epoch: int) -> None:
+    """Make `train_module.train` die with KeyboardInterrupt as `epoch` starts (a crash)."""
+    real_bar = train_module.epoch_bar
+
+    def bar(current, epochs, steps):
+        if current == epoch:
+            raise KeyboardInterrupt
+        return real_bar(current, epochs, steps)
+
+    monkeypatch.setattr(train_module, "epoch_bar", bar)
+
+
 @pytest.fixture(scope="session")
 def tiny_idx_source(tmp_path_factory) -> str:
     """A `--data-source` value for 512 training and 200 test synthetic digits."""

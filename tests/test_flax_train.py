@@ -16,7 +16,7 @@ import pytest
 from flax_impl import train as flax_train
 from flax_impl.config import Config
 from flax_impl.reporting import read_metrics
-from tests.conftest import synthetic_mnist
+from tests.conftest import crash_in_epoch, synthetic_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,17 +79,10 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, 
     config = short_config(tiny_idx_source, epochs=3)
     uninterrupted = flax_train.train(config, tmp_path / "straight")
 
-    real_bar = flax_train.epoch_bar
-
-    def crash_in_epoch_3(epoch, epochs, steps):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real_bar(epoch, epochs, steps)
-
-    monkeypatch.setattr(flax_train, "epoch_bar", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        flax_train.train(config, tmp_path / "interrupted")
-    monkeypatch.setattr(flax_train, "epoch_bar", real_bar)
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, flax_train, 3)
+        with pytest.raises(KeyboardInterrupt):
+            flax_train.train(config, tmp_path / "interrupted")
     resumed = flax_train.train(config, tmp_path / "interrupted", resume=True)
     for key in ("train_loss", "test_loss", "test_accuracy"):
         assert resumed[-1][key] == uninterrupted[-1][key]
@@ -101,7 +94,7 @@ import json, sys, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax_impl import train
 from flax_impl.config import Config
-from tests.conftest import synthetic_mnist
+from tests.conftest import crash_in_epoch, synthetic_mnist
 assert len(jax.devices()) == 2
 config = Config(data_source=sys.argv[1], epochs=2, batch_size=64, eval_batch_size=100)
 

@@ -11,7 +11,7 @@ import torch
 from compare.params import parameter_table
 from flax_impl.config import Config
 from flax_impl.reporting import read_metrics
-from tests.conftest import synthetic_mnist
+from tests.conftest import crash_in_epoch, synthetic_mnist
 from torch_ref import train as torch_train
 from torch_ref.augment import rotate
 from torch_ref.model import Net, SeedNet
@@ -61,17 +61,10 @@ def test_short_run_writes_its_workdir(tiny_idx_source, tmp_path, capsys):
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, monkeypatch):
     config = Config(data_source=tiny_idx_source, epochs=3, batch_size=64, eval_batch_size=100)
     straight = torch_train.train(config, tmp_path / "straight")
-    real_bar = torch_train.epoch_bar
-
-    def crash_in_epoch_3(epoch, epochs, steps):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real_bar(epoch, epochs, steps)
-
-    monkeypatch.setattr(torch_train, "epoch_bar", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        torch_train.train(config, tmp_path / "interrupted")
-    monkeypatch.setattr(torch_train, "epoch_bar", real_bar)
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, torch_train, 3)
+        with pytest.raises(KeyboardInterrupt):
+            torch_train.train(config, tmp_path / "interrupted")
     torch.manual_seed(1234)  # the global RNG must come back from the checkpoint, not from here
     resumed = torch_train.train(config, tmp_path / "interrupted", resume=True)
     for key in ("train_loss", "test_loss", "test_accuracy"):
