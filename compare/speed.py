@@ -3,6 +3,9 @@
 For `Net` at the recipe's batch size, augmentation and dropout on (the default recipe), each
 framework's own product code: the training step (median and spread over many steps after
 warm-up), training and eval images/s, compile/warm-up time and, unless `--no-epoch`, a full epoch.
+The training steps are timed in alternating rounds (one Flax scan call, then as many torch steps),
+so that both see the same machine, and the speed-up is also given as the median of the rounds'
+ratios.
 Also the training FLOPs per image (XLA's count of the compiled train step) and the achieved
 GFLOP/s. A benchmark: it prints numbers and asserts nothing.
 """
@@ -68,118 +71,187 @@ def spread(times: list[float]) -> dict:
     return {"median_ms": 1e3 * median, "q1_ms": 1e3 * q1, "q3_ms": 1e3 * q3, "n": len(times)}
 
 
-def bench_flax(data, config: Config, chunks: int, steps_per_call: int, epoch: bool) -> dict:
-    """Time the Flax product path: jitted scans of `steps_per_call` train steps."""
-    steps = config.steps_per_epoch(len(data.train_images))
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    model, tx, state, key = flax_train.build(config, steps)
-    state = jax.device_put(state, replicated)
-    images, labels, test_images, test_labels = jax.device_put(
-        (data.train_images, data.train_labels, data.test_images, data.test_labels), replicated)
-    step_fn = flax_train.make_train_step(model, tx, config)
-    train_chunk = flax_train.make_train_chunk(step_fn, batch_sharding)
-    evaluate = flax_train.make_evaluate(model, config.eval_batch_size, batch_sharding)
-    indices, keys = flax_train.epoch_plan(key, 1, len(data.train_images), steps, config.batch_size)
+class FlaxBench:
+    """The Flax product path, ready to time: jitted scans of `steps_per_call` train steps."""
 
-    start = time.perf_counter()
-    state, metrics = train_chunk(state, images, labels, indices[:steps_per_call],
-                                 keys[:steps_per_call])
-    jax.block_until_ready(metrics)
-    jax.block_until_ready(evaluate(flax_train.variables_of(state), test_images, test_labels))
-    warmup = time.perf_counter() - start
-
-    per_step = []
-    for i in range(chunks):
-        first = (i * steps_per_call) % (steps - steps_per_call)
+    def __init__(self, data, config: Config, steps_per_call: int):
+        self.steps_per_call = steps_per_call
+        self.steps = config.steps_per_epoch(len(data.train_images))
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        model, tx, state, key = flax_train.build(config, self.steps)
+        self.state = jax.device_put(state, replicated)
+        self.arrays = jax.device_put((data.train_images, data.train_labels), replicated)
+        self.test = jax.device_put((data.test_images, data.test_labels), replicated)
+        self.step_fn = flax_train.make_train_step(model, tx, config)
+        self.train_chunk = flax_train.make_train_chunk(self.step_fn, batch_sharding)
+        self.evaluate_fn = flax_train.make_evaluate(model, config.eval_batch_size, batch_sharding)
+        self.indices, self.keys = flax_train.epoch_plan(key, 1, len(data.train_images),
+                                                        self.steps, config.batch_size)
         start = time.perf_counter()
-        state, metrics = train_chunk(state, images, labels, indices[first:first + steps_per_call],
-                                     keys[first:first + steps_per_call])
+        self._run(0, steps_per_call)
+        self.evaluate()
+        self.warmup_seconds = time.perf_counter() - start
+        batch = (jnp.asarray(data.train_images[:config.batch_size]),
+                 jnp.asarray(data.train_labels[:config.batch_size]))
+        cost = jax.jit(self.step_fn).lower(self.state, batch, self.keys[0]).compile()
+        cost = cost.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        self.flops_per_image = float(cost.get("flops", float("nan"))) / config.batch_size
+
+    def _run(self, first: int, stop: int):
+        self.state, metrics = self.train_chunk(self.state, *self.arrays,
+                                               self.indices[first:stop], self.keys[first:stop])
+        return metrics
+
+    def train(self, chunk: int, calls: int = 1) -> float:
+        """Seconds per step of `calls` scan calls from the `chunk`-th of the epoch, cyclically."""
+        start = time.perf_counter()
+        for call in range(chunk, chunk + calls):
+            first = (call * self.steps_per_call) % (self.steps - self.steps_per_call)
+            metrics = self._run(first, first + self.steps_per_call)
         jax.block_until_ready(metrics)
-        per_step.append((time.perf_counter() - start) / steps_per_call)
-    evals = []
-    for _ in range(3):
-        start = time.perf_counter()
-        jax.block_until_ready(evaluate(flax_train.variables_of(state), test_images, test_labels))
-        evals.append(time.perf_counter() - start)
+        return (time.perf_counter() - start) / (calls * self.steps_per_call)
 
-    batch = (jnp.asarray(data.train_images[:config.batch_size]),
-             jnp.asarray(data.train_labels[:config.batch_size]))
-    cost = jax.jit(step_fn).lower(state, batch, keys[0]).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    result = {"step": spread(per_step), "eval_seconds": statistics.median(evals),
-              "warmup_seconds": warmup,
-              "train_flops_per_image": float(cost.get("flops", float("nan"))) / config.batch_size}
-    if epoch:
+    def evaluate(self) -> float:
+        """Seconds to evaluate the 10k test images."""
         start = time.perf_counter()
-        for first, stop in flax_train.chunks(steps, steps_per_call):
-            state, metrics = train_chunk(state, images, labels, indices[first:stop],
-                                         keys[first:stop])
+        jax.block_until_ready(self.evaluate_fn(flax_train.variables_of(self.state), *self.test))
+        return time.perf_counter() - start
+
+    def epoch(self) -> float:
+        """Seconds for one epoch of training, as `flax_impl.train` runs it."""
+        start = time.perf_counter()
+        for first, stop in flax_train.chunks(self.steps, self.steps_per_call):
+            metrics = self._run(first, stop)
         jax.block_until_ready(metrics)
-        result["epoch_seconds"] = time.perf_counter() - start
-    return result
+        return time.perf_counter() - start
 
 
-def bench_torch(data, config: Config, steps_timed: int, epoch: bool) -> dict:
-    """Time the torch product path: its train_step on in-memory tensors."""
-    torch.manual_seed(0)
-    images = torch.from_numpy(data.train_images)
-    labels = torch.from_numpy(data.train_labels).long()
-    steps = config.steps_per_epoch(len(images))
-    model = create_torch_model("net", config.dropout).train()
-    optimizer, scheduler = torch_train.create_optimizer(model, config, config.epochs * steps)
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(images), generator=generator)
+class TorchBench:
+    """The torch product path, ready to time: its train_step on in-memory tensors."""
 
-    def step(i):
-        index = order[(i % steps) * config.batch_size:(i % steps + 1) * config.batch_size]
-        return torch_train.train_step(model, optimizer, scheduler, images[index], labels[index],
-                                      config, generator)
-
-    start = time.perf_counter()
-    for i in range(3):
-        step(i)
-    warmup = time.perf_counter() - start
-    per_step = []
-    for i in range(steps_timed):
+    def __init__(self, data, config: Config):
+        torch.manual_seed(0)
+        self.config = config
+        self.images = torch.from_numpy(data.train_images)
+        self.labels = torch.from_numpy(data.train_labels).long()
+        self.test = (torch.from_numpy(data.test_images), torch.from_numpy(data.test_labels).long())
+        self.steps = config.steps_per_epoch(len(self.images))
+        self.model = create_torch_model("net", config.dropout).train()
+        self.optimizer, self.scheduler = torch_train.create_optimizer(
+            self.model, config, config.epochs * self.steps)
+        self.generator = torch.Generator().manual_seed(0)
+        self.order = torch.randperm(len(self.images), generator=self.generator)
+        self.done = 0
         start = time.perf_counter()
-        step(i)
-        per_step.append(time.perf_counter() - start)
-    test_images, test_labels = torch.from_numpy(data.test_images), torch.from_numpy(
-        data.test_labels).long()
-    evals = []
-    for _ in range(3):
+        self.train(3)
+        self.warmup_seconds = time.perf_counter() - start
+
+    def _step(self):
+        batch = self.config.batch_size
+        first = (self.done % self.steps) * batch
+        index = self.order[first:first + batch]
+        self.done += 1
+        return torch_train.train_step(self.model, self.optimizer, self.scheduler,
+                                      self.images[index], self.labels[index], self.config,
+                                      self.generator)
+
+    def train(self, steps: int) -> list[float]:
+        """Seconds of each of `steps` train steps."""
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self._step()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def evaluate(self) -> float:
+        """Seconds to evaluate the 10k test images."""
         start = time.perf_counter()
-        torch_train.evaluate(model, test_images, test_labels, config.eval_batch_size)
-        evals.append(time.perf_counter() - start)
-    model.train()
-    result = {"step": spread(per_step), "eval_seconds": statistics.median(evals),
-              "warmup_seconds": warmup, "threads": torch.get_num_threads()}
-    if epoch:
+        torch_train.evaluate(self.model, *self.test, self.config.eval_batch_size)
+        self.model.train()
+        return time.perf_counter() - start
+
+    def epoch(self) -> float:
+        """Seconds for one epoch of training."""
         start = time.perf_counter()
-        for i in range(steps):
-            loss = step(i)
+        for _ in range(self.steps):
+            loss = self._step()
         loss.item()
-        result["epoch_seconds"] = time.perf_counter() - start
-    return result
+        return time.perf_counter() - start
 
 
-def ablation(data, config: Config, steps: int, steps_per_call: int) -> dict:
-    """Flax step medians without each speed-up: a Python loop of jitted single steps, and
-    XLA's own convolution gradients (`lax.conv_general_dilated`) instead of flax_impl.conv."""
+def side_by_side(flax: FlaxBench, torch_bench: TorchBench, rounds: int, epoch: bool) -> dict:
+    """Alternate the frameworks: each round one Flax scan call, then as many torch steps.
+
+    The machine's speed drifts (a shared host); the ratio of each round's two timings cancels
+    the drift, and the median of those ratios is the speed-up reported.
+    """
+    flax_steps, torch_steps, ratios = [], [], []
+    for i in range(rounds):
+        flax_steps.append(flax.train(i + 1))
+        times = torch_bench.train(flax.steps_per_call)
+        torch_steps += times
+        ratios.append(statistics.median(times) / flax_steps[-1])
+    flax_evals, torch_evals = [], []
+    for _ in range(3):
+        flax_evals.append(flax.evaluate())
+        torch_evals.append(torch_bench.evaluate())
+    results = {
+        "flax": {"step": spread(flax_steps), "eval_seconds": statistics.median(flax_evals),
+                 "warmup_seconds": flax.warmup_seconds,
+                 "train_flops_per_image": flax.flops_per_image},
+        "torch": {"step": spread(torch_steps), "eval_seconds": statistics.median(torch_evals),
+                  "warmup_seconds": torch_bench.warmup_seconds,
+                  "threads": torch.get_num_threads()},
+        "paired_step_speedup": statistics.median(ratios),
+    }
+    if epoch:
+        results["flax"]["epoch_seconds"] = flax.epoch()
+        results["torch"]["epoch_seconds"] = torch_bench.epoch()
+    return results
+
+
+def ablation(data, config: Config, rounds: int, steps_per_call: int) -> dict:
+    """Flax step medians with each speed-up undone, timed in turns with the default path.
+
+    Variants: a Python loop of jitted single steps; the first layer like the others (XLA's
+    convolution forward, a product per tap for the kernel gradient); XLA's own convolution
+    gradients (`lax.conv_general_dilated` in place of flax_impl.conv). For each: the median ms per
+    step and the slow-down against the default (the median of the per-round ratios).
+    """
     from jax import lax
 
+    import flax_impl.conv as flax_conv
     import flax_impl.model as flax_model
 
-    results = {"python_loop": bench_flax(data, config, steps, 1, False)["step"]["median_ms"]}
-    fast = flax_model.conv_general_dilated
-    flax_model.conv_general_dilated = lax.conv_general_dilated
-    try:
-        results["stock_conv"] = bench_flax(data, config, max(1, steps // steps_per_call),
-                                           steps_per_call, False)["step"]["median_ms"]
-    finally:
-        flax_model.conv_general_dilated = fast
-    return results
+    def build(per_call=steps_per_call, patch=None):
+        if patch is None:
+            return FlaxBench(data, config, per_call)
+        module, name, value = patch
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:  # FlaxBench compiles its step, which fixes the patched function in it
+            return FlaxBench(data, config, per_call)
+        finally:
+            setattr(module, name, old)
+
+    benches = {  # name: (bench, scan calls per round)
+        "default": (build(), 1),
+        "python_loop": (build(per_call=1), steps_per_call),
+        "first_layer_as_others": (build(patch=(flax_conv, "FEW_CHANNELS", 0)), 1),
+        "stock_conv": (build(patch=(flax_model, "conv_general_dilated",
+                                    lax.conv_general_dilated)), 1),
+    }
+    times = {name: [] for name in benches}
+    for i in range(rounds):
+        for name, (bench, calls) in benches.items():
+            times[name].append(bench.train(i + 1, calls))
+    return {name: {"median_ms": 1e3 * statistics.median(ts),
+                   "slowdown": statistics.median(
+                       t / d for t, d in zip(ts, times["default"], strict=True))}
+            for name, ts in times.items()}
 
 
 def machine() -> dict:
@@ -188,6 +260,14 @@ def machine() -> dict:
             "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
             "torch": torch.__version__, "python": platform.python_version(),
             "peak_gflops": peak_gflops()}
+
+
+ABLATIONS = {
+    "default": "default (flax_impl.conv, lax.scan of steps)",
+    "first_layer_as_others": "first layer like the others (no im2col, XLA forward)",
+    "python_loop": "Python loop of jitted single steps",
+    "stock_conv": "XLA's own convolution gradients (stock nn.Conv)",
+}
 
 
 def report(results: dict) -> str:
@@ -203,6 +283,7 @@ def report(results: dict) -> str:
     add("train step, median", f["step"]["median_ms"], t["step"]["median_ms"], "ms", False)
     rows.append(("train step, quartiles", f"{f['step']['q1_ms']:.1f}-{f['step']['q3_ms']:.1f} ms",
                  f"{t['step']['q1_ms']:.1f}-{t['step']['q3_ms']:.1f} ms", ""))
+    rows.append(("train step, paired rounds", "", "", f"{results['paired_step_speedup']:.2f}x"))
     add("training images/s", 1e3 * batch / f["step"]["median_ms"],
         1e3 * batch / t["step"]["median_ms"], "img/s", True)
     add("eval images/s (10k test set)", 10_000 / f["eval_seconds"], 10_000 / t["eval_seconds"],
@@ -214,11 +295,15 @@ def report(results: dict) -> str:
     achieved = flops * 1e3 / f["step"]["median_ms"] * batch / 1e9
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, [30, 20, 20, 16], strict=True)).rstrip()
              for r in rows]
+    lines += ["", "flax/torch speed > 1: flax is faster. Paired rounds: each round times one flax "
+                  "scan call, then as many\ntorch steps; their ratio's median over the rounds "
+                  "(drift in the machine's speed cancels out)."]
     if "ablation" in results:
-        a = results["ablation"]
-        lines += ["", f"flax without its speed-ups (train step median): Python loop of jitted "
-                      f"steps {a['python_loop']:.1f} ms; XLA's conv gradients in the scan "
-                      f"{a['stock_conv']:.1f} ms; both on: {f['step']['median_ms']:.1f} ms"]
+        lines += ["", "flax with each speed-up undone, timed in turns with the default "
+                      "(median ms per train step, slow-down against the default):"]
+        for name, label in ABLATIONS.items():
+            a = results["ablation"][name]
+            lines.append(f"  {label:<58} {a['median_ms']:7.1f} ms  {a['slowdown']:5.2f}x")
     m = results["machine"]
     peak = results["machine"].get("peak_gflops")
     of_peak = f" = {100 * achieved / peak:.0f} % of a {peak:.0f} GFLOP/s peak" if peak else ""
@@ -234,12 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m compare.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=156, help="train steps timed per framework")
+    parser.add_argument("--steps", type=int, default=390, help="train steps timed per framework")
     parser.add_argument("--steps-per-call", type=int, default=None,
                         help="Flax steps per jitted scan (default: the product's)")
     parser.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
     parser.add_argument("--ablation", action="store_true",
-                        help="also time Flax without each speed-up (slow: two more compiles)")
+                        help="also time Flax with each speed-up undone (slow: three more compiles)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     parser.add_argument("--data-source", default="auto")
     args = parser.parse_args(argv)
@@ -248,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     steps_per_call = args.steps_per_call or flax_train.default_steps_per_call()
     results = {"batch_size": config.batch_size, "steps_per_call": steps_per_call,
                "machine": machine()}
-    results["torch"] = bench_torch(data, config, args.steps, not args.no_epoch)
-    results["flax"] = bench_flax(data, config, max(1, args.steps // steps_per_call),
-                                 steps_per_call, not args.no_epoch)
+    rounds = max(1, args.steps // steps_per_call)
+    results.update(side_by_side(FlaxBench(data, config, steps_per_call), TorchBench(data, config),
+                                rounds, not args.no_epoch))
     if args.ablation:
-        results["ablation"] = ablation(data, config, args.steps // 2, steps_per_call)
+        results["ablation"] = ablation(data, config, max(1, rounds // 2), steps_per_call)
     print(report(results))
     if args.json:
         with open(args.json, "w") as file:

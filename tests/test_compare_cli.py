@@ -1,4 +1,4 @@
-"""The compare commands: params, accuracy, speed (a smoke run; speed is never asserted)."""
+"""The compare commands: params, accuracy, speed and layers (smoke runs; speed is never asserted)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from compare import accuracy, params, speed
+from compare import accuracy, layers, params, speed
 
 
 def test_params_table_matches_and_net_is_under_20k(capsys):
@@ -72,4 +72,22 @@ def test_speed_benchmark_runs_and_writes_json(tmp_path, monkeypatch, capsys):
     assert "training images/s" in capsys.readouterr().out
     numbers = json.loads(out.read_text())
     assert numbers["flax"]["step"]["n"] == 2 and numbers["torch"]["step"]["n"] == 4
+    assert numbers["paired_step_speedup"] > 0
     assert numbers["flax"]["train_flops_per_image"] > 1e6
+
+
+def test_layers_are_nets_convolutions_in_order():
+    shapes = layers.conv_shapes(4)
+    assert [name for name, _, _ in shapes] == [f"block{i}.conv" for i in range(1, 7)]
+    assert [shape for _, shape, _ in shapes][:3] == [(4, 1, 28, 28), (4, 10, 26, 26),
+                                                     (4, 16, 12, 12)]
+    assert [out for _, _, out in shapes] == [10, 16, 16, 16, 24, 32]
+
+
+@pytest.mark.slow
+def test_layers_benchmark_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    assert layers.main(["--repeats", "1", "--json", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith("total")
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and all(row[key] > 0 for row in rows for key in layers.KEYS)

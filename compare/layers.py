@@ -1,0 +1,134 @@
+"""Where the training step's time goes: `Net`'s convolutions one by one, Flax vs torch.
+
+`python -m compare.layers [--json FILE]` times, for each 3x3 convolution of `Net` at the recipe's
+batch size, the forward pass and the backward pass (the gradients training needs: the kernel's,
+and the input's except for the first layer) with `flax_impl.conv` under `jax.jit` and with
+`torch.nn.functional.conv2d` under autograd, alternating the two; medians in ms. A benchmark: it
+prints numbers and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flax_impl.config import Config
+from flax_impl.conv import conv_valid
+from torch_ref.model import create_model as create_torch_model
+
+
+def conv_shapes(batch: int) -> list[tuple[str, tuple[int, int, int, int], int]]:
+    """(name, NCHW input shape, output channels) of every convolution of `Net`, in order."""
+    model = create_torch_model("net", 0.0).eval()
+    shapes = []
+    hooks = [module.register_forward_hook(
+        lambda module, inputs, output, name=name: shapes.append(
+            (name, tuple(inputs[0].shape), module.out_channels)))
+        for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(batch, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `run()` in ms, after two warm-up calls."""
+    run(), run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def time_layer(shape: tuple[int, int, int, int], out_channels: int, first: bool,
+               repeats: int) -> dict:
+    """Forward and backward ms of one convolution, both frameworks, taken in turns."""
+    batch, channels, height, width = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, height, width, channels), dtype=np.float32)
+    kernel = rng.standard_normal((3, 3, channels, out_channels), dtype=np.float32)
+    grad = rng.standard_normal((batch, height - 2, width - 2, out_channels), dtype=np.float32)
+
+    wanted = (1,) if first else (0, 1)  # the first layer's input needs no gradient
+    flax_forward = jax.jit(conv_valid)
+    flax_backward = jax.jit(lambda x, k, g: [jax.vjp(conv_valid, x, k)[1](g)[i] for i in wanted])
+    jx, jk, jg = jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(grad)
+
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(not first)
+    tk = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous().requires_grad_()
+    tg = torch.from_numpy(grad).permute(0, 3, 1, 2).contiguous()
+    inputs = [tk] if first else [tx, tk]
+
+    def torch_forward():
+        with torch.no_grad():
+            return F.conv2d(tx, tk)
+
+    output = F.conv2d(tx, tk)
+    timings = {name: [] for name in ("flax_forward", "flax_backward", "torch_forward",
+                                      "torch_backward")}
+    for _ in range(3):  # in turns, so that both frameworks see the same machine
+        timings["flax_forward"].append(median_ms(
+            lambda: jax.block_until_ready(flax_forward(jx, jk)), repeats))
+        timings["flax_backward"].append(median_ms(
+            lambda: jax.block_until_ready(flax_backward(jx, jk, jg)), repeats))
+        timings["torch_forward"].append(median_ms(torch_forward, repeats))
+        timings["torch_backward"].append(median_ms(
+            lambda: torch.autograd.grad(output, inputs, tg, retain_graph=True), repeats))
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+KEYS = ("flax_forward", "torch_forward", "flax_backward", "torch_backward")
+
+
+def report(rows: list[dict]) -> str:
+    """The per-layer table, with totals and Flax/torch speed ratios (above 1: Flax is faster)."""
+    total = {"name": "total", "input": "", **{key: sum(row[key] for row in rows) for key in KEYS}}
+    lines = [f"{'layer':<14}{'input (NCHW) -> out':<24}{'flax fwd':>10}{'torch fwd':>11}"
+             f"{'speed':>7}{'flax bwd':>11}{'torch bwd':>11}{'speed':>7}"]
+    for row in rows + [total]:
+        lines.append(
+            f"{row['name']:<14}{row['input']:<24}{row['flax_forward']:>8.2f}ms"
+            f"{row['torch_forward']:>9.2f}ms{row['torch_forward'] / row['flax_forward']:>6.2f}x"
+            f"{row['flax_backward']:>9.2f}ms{row['torch_backward']:>9.2f}ms"
+            f"{row['torch_backward'] / row['flax_backward']:>6.2f}x")
+    lines.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax "
+                 f"{jax.__version__} ({jax.default_backend()}); backward: the kernel gradient, "
+                 f"and the input gradient except for the first layer")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m compare.layers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    rows = []
+    for index, (name, shape, out_channels) in enumerate(conv_shapes(Config().batch_size)):
+        rows.append({"name": name, "input": "x".join(map(str, shape)) + f" -> {out_channels}",
+                     **time_layer(shape, out_channels, index == 0, args.repeats)})
+    print(report(rows))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
