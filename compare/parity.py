@@ -9,13 +9,15 @@ checks run as tests (tests/test_parity.py). All on real MNIST, float32, CPU:
 4. 100 optimizer steps from the same weights on the same batches (no augmentation or dropout);
 5. the learning-rate schedule at every step of a full default run;
 6. the rotation augmentation for the same angles;
-7. a model trained in one framework scores the same test accuracy in the other.
+7. a model trained in one framework scores the same test accuracy in the other;
+   `--torch-model PATH` checks only this, for a saved torch model.pt (a full run's).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
 import sys
 from collections.abc import Callable
 
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compare.convert import flax_to_torch, torch_to_flax
+from compare.convert import ConversionError, flax_to_torch, torch_to_flax
 from flax_impl import train as flax_train
 from flax_impl.augment import rotate as flax_rotate
 from flax_impl.config import Config
@@ -259,6 +261,10 @@ def test_accuracy_flax(variables: dict, data: Mnist) -> int:
                         jnp.asarray(data.test_labels))[1])
 
 
+class ParityInputError(Exception):
+    """A file given to a parity check cannot be used."""
+
+
 def check_trained_models(data: Mnist, steps: int = 150) -> list[Check]:
     """7. Train briefly in each framework; the converted model scores the same in the other."""
     config = dataclasses.replace(NO_NOISE, epochs=1)
@@ -294,6 +300,25 @@ def check_trained_models(data: Mnist, steps: int = 150) -> list[Check]:
                   f"{flax_native} vs {torch_converted} correct of {len(data.test_images)}")]
 
 
+def check_saved_torch_model(data: Mnist, path: str) -> list[Check]:
+    """7b. A torch `model.pt` (e.g. a full default run's), converted, scores the same in Flax."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        torch_model = create_torch_model("net", dropout=0.0)
+        torch_model.load_state_dict(state_dict)
+        variables = torch_to_flax(state_dict)
+    except (OSError, RuntimeError, ConversionError, pickle.UnpicklingError) as error:
+        raise ParityInputError(f"cannot use {path} as a torch Net state_dict "
+                               f"({type(error).__name__}: {str(error).splitlines()[0]}); "
+                               f"pass the model.pt of a torch_ref.train workdir") from None
+    torch_correct = test_accuracy_torch(torch_model, data)
+    flax_correct = test_accuracy_flax(variables, data)
+    return [Check("saved torch model, test accuracy in Flax (images differing)",
+                  abs(flax_correct - torch_correct), 0,
+                  f"{path}: {torch_correct} vs {flax_correct} correct of "
+                  f"{len(data.test_images)}")]
+
+
 def all_checks(data: Mnist) -> list[Callable[[], list[Check]]]:
     """Every check, as a thunk, in the order of the module docstring."""
     return [lambda: check_eval_outputs(data, "net", 1e-5),
@@ -320,10 +345,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compare.parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-source", default="auto")
+    parser.add_argument("--torch-model", metavar="PATH",
+                        help="only check this trained torch model.pt, converted to Flax")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     data = load_mnist(args.data_source)
-    checks = [check for run in all_checks(data) for check in run()]
+    if args.torch_model:
+        try:
+            checks = check_saved_torch_model(data, args.torch_model)
+        except ParityInputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    else:
+        checks = [check for run in all_checks(data) for check in run()]
     print(format_rows(checks))
     failed = [c.name for c in checks if not c.passed]
     print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from compare import parity
 from flax_impl.data import load_mnist
+from torch_ref.model import create_model as create_torch_model
 
 pytestmark = pytest.mark.realdata
 
@@ -51,3 +53,25 @@ def test_rotation_agrees_for_the_same_angles(mnist):
 
 def test_trained_model_scores_the_same_in_the_other_framework(mnist):
     assert_all_pass(parity.check_trained_models(mnist))
+
+
+def test_a_saved_torch_model_scores_the_same_in_flax(mnist, tmp_path):
+    torch.manual_seed(0)
+    model = create_torch_model("net", dropout=0.0)
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    checks = parity.check_saved_torch_model(mnist, str(tmp_path / "model.pt"))
+    assert len(checks) == 1
+    assert_all_pass(checks)
+
+
+def test_parity_cli_names_a_file_that_is_no_torch_model(mnist, tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a state_dict")
+    assert parity.main(["--torch-model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot use {bad}") and len(err.splitlines()) == 1
