@@ -241,10 +241,16 @@ def check_schedule(num_train: int = 60_000) -> list[Check]:
 def check_rotation(data: Mnist) -> list[Check]:
     """6. The same angles rotate the same images identically."""
     images = pixels(data.train_images[:BATCH])
-    angles = np.random.default_rng(0).uniform(-7, 7, BATCH).astype(np.float32)
+    max_degrees = Config().max_rotation
+    angles = np.random.default_rng(0).uniform(-max_degrees, max_degrees, BATCH).astype(np.float32)
     by_torch = torch_rotate(torch.from_numpy(images)[:, None], torch.from_numpy(angles))
-    by_flax = flax_rotate(jnp.asarray(images)[..., None], jnp.asarray(angles))
-    return [Check("rotation, same angles", max_abs(by_torch[:, 0], by_flax[..., 0]), 1e-5)]
+    images, angles = jnp.asarray(images)[..., None], jnp.asarray(angles)
+    by_gather = flax_rotate(images, angles)
+    by_shifts = flax_rotate(images, angles, max_degrees)  # the training path
+    return [Check("rotation, same angles (any angle: gather)",
+                  max_abs(by_torch[:, 0], by_gather[..., 0]), 1e-5),
+            Check("rotation, same angles (training: shifted copies)",
+                  max_abs(by_torch[:, 0], by_shifts[..., 0]), 1e-5)]
 
 
 def test_accuracy_torch(model: torch.nn.Module, data: Mnist) -> int:

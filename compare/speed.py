@@ -6,13 +6,14 @@ warm-up), training and eval images/s, compile/warm-up time and, unless `--no-epo
 The training steps are timed in alternating rounds (one Flax scan call, then as many torch steps),
 so that both see the same machine, and the speed-up is also given as the median of the rounds'
 ratios.
-Also the training FLOPs per image (XLA's count of the compiled train step) and the achieved
-GFLOP/s. A benchmark: it prints numbers and asserts nothing.
+Also the training FLOPs per image (convolutions and head, counted from the layer shapes) and
+the achieved GFLOP/s. A benchmark: it prints numbers and asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,12 +22,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from compare.layers import conv_shapes
 from flax_impl import train as flax_train
 from flax_impl.config import Config
 from flax_impl.data import load_mnist
@@ -65,6 +66,22 @@ def peak_gflops() -> float | None:
     return (os.cpu_count() or 1) * mhz * 1e6 * per_cycle / 1e9
 
 
+def train_flops_per_image() -> float:
+    """FLOPs of `Net`'s convolutions and head per training image, forward and backward.
+
+    The backward pass: kernel and input gradients (no input gradient for the first layer, whose
+    input is the data); 2 FLOPs per multiply-add. Counted from the layer shapes, not by XLA:
+    its cost analysis counts a loop body once, and the kernel gradients run in a loop over the
+    taps.
+    """
+    flops = 0.0
+    for index, (_, (_, channels, height, width), out_channels) in enumerate(conv_shapes(1)):
+        multiply_adds = (height - 2) * (width - 2) * out_channels * 9 * channels
+        flops += 2 * multiply_adds * (2 if index == 0 else 3)
+    head = create_torch_model("net", 0.0).head
+    return flops + 2 * head.in_features * head.out_features * 3
+
+
 def spread(times: list[float]) -> dict:
     """Median, quartiles and count of a list of seconds, in milliseconds."""
     q1, median, q3 = np.percentile(times, [25, 50, 75])
@@ -92,12 +109,6 @@ class FlaxBench:
         self._run(0, steps_per_call)
         self.evaluate()
         self.warmup_seconds = time.perf_counter() - start
-        batch = (jnp.asarray(data.train_images[:config.batch_size]),
-                 jnp.asarray(data.train_labels[:config.batch_size]))
-        cost = jax.jit(self.step_fn).lower(self.state, batch, self.keys[0]).compile()
-        cost = cost.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        self.flops_per_image = float(cost.get("flops", float("nan"))) / config.batch_size
 
     def _run(self, first: int, stop: int):
         self.state, metrics = self.train_chunk(self.state, *self.arrays,
@@ -200,12 +211,12 @@ def side_by_side(flax: FlaxBench, torch_bench: TorchBench, rounds: int, epoch: b
         torch_evals.append(torch_bench.evaluate())
     results = {
         "flax": {"step": spread(flax_steps), "eval_seconds": statistics.median(flax_evals),
-                 "warmup_seconds": flax.warmup_seconds,
-                 "train_flops_per_image": flax.flops_per_image},
+                 "warmup_seconds": flax.warmup_seconds},
         "torch": {"step": spread(torch_steps), "eval_seconds": statistics.median(torch_evals),
                   "warmup_seconds": torch_bench.warmup_seconds,
                   "threads": torch.get_num_threads()},
         "paired_step_speedup": statistics.median(ratios),
+        "train_flops_per_image": train_flops_per_image(),
     }
     if epoch:
         results["flax"]["epoch_seconds"] = flax.epoch()
@@ -213,36 +224,57 @@ def side_by_side(flax: FlaxBench, torch_bench: TorchBench, rounds: int, epoch: b
     return results
 
 
-def ablation(data, config: Config, rounds: int, steps_per_call: int) -> dict:
-    """Flax step medians with each speed-up undone, timed in turns with the default path.
+def undone_speedups() -> dict[str, tuple[object, str, object]]:
+    """Each speed-up of the Flax step as the patch that undoes it: (module, attribute, value).
 
-    Variants: a Python loop of jitted single steps; the first layer like the others (XLA's
-    convolution forward, a product per tap for the kernel gradient); XLA's own convolution
-    gradients (`lax.conv_general_dilated` in place of flax_impl.conv). For each: the median ms per
-    step and the slow-down against the default (the median of the per-round ratios).
+    first_layer_as_others: XLA's convolution forward and a product per tap for the first layer's
+    kernel gradient; gather_rotation: the rotation by gathering (`map_coordinates`) instead of
+    shifted copies; stock_pool: `nn.max_pool` (a reduce-window and select-and-scatter) in place
+    of flax_impl.pool; stock_conv: XLA's own convolution gradients (`lax.conv_general_dilated`
+    in place of flax_impl.conv).
     """
+    import flax.linen as nn
     from jax import lax
 
+    import flax_impl.augment as flax_augment
     import flax_impl.conv as flax_conv
     import flax_impl.model as flax_model
 
-    def build(per_call=steps_per_call, patch=None):
-        if patch is None:
-            return FlaxBench(data, config, per_call)
-        module, name, value = patch
-        old = getattr(module, name)
-        setattr(module, name, value)
-        try:  # FlaxBench compiles its step, which fixes the patched function in it
-            return FlaxBench(data, config, per_call)
-        finally:
-            setattr(module, name, old)
+    return {
+        "first_layer_as_others": (flax_conv, "FEW_CHANNELS", 0),
+        "gather_rotation": (flax_augment, "MAX_SHIFT_RADIUS", 0),
+        "stock_pool": (flax_model, "max_pool", nn.max_pool),
+        "stock_conv": (flax_model, "conv_general_dilated", lax.conv_general_dilated),
+    }
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """Temporarily set `module.name = value`."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def ablation(data, config: Config, rounds: int, steps_per_call: int) -> dict:
+    """Flax step medians with each speed-up undone, timed in turns with the default path.
+
+    Variants: a Python loop of jitted single steps, and each of `undone_speedups()`. For each:
+    the median ms per step and the slow-down against the default (the median of the per-round
+    ratios).
+    """
+
+    def build(patch):
+        with patched(*patch):  # FlaxBench compiles its step, which fixes the patch in it
+            return FlaxBench(data, config, steps_per_call)
 
     benches = {  # name: (bench, scan calls per round)
-        "default": (build(), 1),
-        "python_loop": (build(per_call=1), steps_per_call),
-        "first_layer_as_others": (build(patch=(flax_conv, "FEW_CHANNELS", 0)), 1),
-        "stock_conv": (build(patch=(flax_model, "conv_general_dilated",
-                                    lax.conv_general_dilated)), 1),
+        "default": (FlaxBench(data, config, steps_per_call), 1),
+        "python_loop": (FlaxBench(data, config, 1), steps_per_call),
+        **{name: (build(patch), 1) for name, patch in undone_speedups().items()},
     }
     times = {name: [] for name in benches}
     for i in range(rounds):
@@ -263,8 +295,10 @@ def machine() -> dict:
 
 
 ABLATIONS = {
-    "default": "default (flax_impl.conv, lax.scan of steps)",
+    "default": "default (flax_impl conv, pool, rotation; lax.scan)",
     "first_layer_as_others": "first layer like the others (no im2col, XLA forward)",
+    "gather_rotation": "rotation by gathering (map_coordinates)",
+    "stock_pool": "XLA's own max-pool gradient (nn.max_pool)",
     "python_loop": "Python loop of jitted single steps",
     "stock_conv": "XLA's own convolution gradients (stock nn.Conv)",
 }
@@ -291,7 +325,7 @@ def report(results: dict) -> str:
     add("compile / warm-up", f["warmup_seconds"], t["warmup_seconds"], "s", False)
     if "epoch_seconds" in f:
         add("full epoch (468 steps)", f["epoch_seconds"], t["epoch_seconds"], "s", False)
-    flops = f["train_flops_per_image"]
+    flops = results["train_flops_per_image"]
     achieved = flops * 1e3 / f["step"]["median_ms"] * batch / 1e9
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, [30, 20, 20, 16], strict=True)).rstrip()
              for r in rows]
@@ -307,8 +341,8 @@ def report(results: dict) -> str:
     m = results["machine"]
     peak = results["machine"].get("peak_gflops")
     of_peak = f" = {100 * achieved / peak:.0f} % of a {peak:.0f} GFLOP/s peak" if peak else ""
-    lines += ["", f"training FLOPs per image (XLA count of the train step): {flops / 1e6:.1f} M; "
-                  f"achieved: flax {achieved:.1f} GFLOP/s{of_peak}",
+    lines += ["", f"training FLOPs per image (convolutions and head, forward and gradients): "
+                  f"{flops / 1e6:.2f} M; achieved: flax {achieved:.1f} GFLOP/s{of_peak}",
               f"machine: {m['cpu']}, {m['cores']} cores; jax {m['jax']} ({m['jax_backend']}, "
               f"{len(m['jax_devices'])} device(s)), torch {m['torch']} "
               f"({results['torch']['threads']} threads), python {m['python']}"]

@@ -4,12 +4,14 @@ XLA:CPU lowers the weight gradient of a small convolution to a slow generic loop
 slower than PyTorch's, and slower still inside a `lax.scan` body (jax-ml/jax#12868). For the
 convolutions our models use (NHWC/HWIO, stride 1, no dilation, no groups) this module computes:
 
-- forward: the ordinary XLA convolution (a sum of per-tap matrix products for <= 3 input channels);
+- forward: the ordinary XLA convolution; for <= 3 input channels (the first layer) one product of
+  the im2col matrix (the 9 shifted inputs side by side) with the kernel, the matrix kept for the
+  backward pass;
 - input gradient: a full convolution of the output gradient with the flipped kernel (XLA's fast
   forward path);
 - kernel gradient: for each of the 9 taps, shifted input^T @ output gradient, a matrix product
-  (im2col without materialising the patches); for <= 3 input channels one product over the
-  materialised im2col matrix.
+  (im2col without materialising the patches), in a loop over the taps; for <= 3 input channels
+  one product with the im2col matrix.
 
 Values and gradients equal `lax.conv_general_dilated`'s to float tolerance (tests/test_conv.py).
 Any other convolution falls back to `lax.conv_general_dilated` unchanged. Plug it into Flax with
@@ -26,47 +28,73 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 FEW_CHANNELS = 3  # an image's channels: up to this many, the first layer's special cases apply
 
 
-def _taps(x: jax.Array, height: int, width: int):
-    """The (i, j, shifted input) of each kernel tap, the input windows a VALID conv reads."""
+def _im2col(x: jax.Array, height: int, width: int) -> jax.Array:
+    """(B * output pixels, taps * C): each row an output pixel's input window, tap-major."""
     out_h, out_w = x.shape[1] - height + 1, x.shape[2] - width + 1
-    for i in range(height):
-        for j in range(width):
-            yield i, j, x[:, i:i + out_h, j:j + out_w, :]
+    windows = [x[:, i:i + out_h, j:j + out_w, :] for i in range(height) for j in range(width)]
+    return jnp.concatenate(windows, axis=-1).reshape(-1, height * width * x.shape[-1])
 
 
-def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    if kernel.shape[2] <= FEW_CHANNELS:
-        # Few input channels (the first layer): XLA's convolution is slow here, a sum of
-        # per-tap products is not.
-        return sum(window @ kernel[i, j] for i, j, window in _taps(x, *kernel.shape[:2]))
-    return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
+def _output_shape(x: jax.Array, kernel: jax.Array) -> tuple[int, int, int, int]:
+    height, width, _, out_features = kernel.shape
+    return x.shape[0], x.shape[1] - height + 1, x.shape[2] - width + 1, out_features
+
+
+def _forward(x: jax.Array, kernel: jax.Array):
+    """The convolution, and the im2col matrix when it was built (few input channels) or None."""
+    height, width, in_features, out_features = kernel.shape
+    if in_features <= FEW_CHANNELS:
+        # Few input channels (the first layer): XLA's convolution is slow here, and whatever
+        # computes `x` (the augmentation) would be fused into it and recomputed per tap and
+        # output channel. One product over the materialised im2col matrix is fast, and the
+        # kernel gradient reuses the matrix.
+        patches = _im2col(x, height, width)
+        out = patches @ kernel.reshape(-1, out_features)
+        return out.reshape(_output_shape(x, kernel)), patches
+    out = lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
+    return out, None
+
+
+def _kernel_grad_per_tap(x: jax.Array, flat_grad: jax.Array, height: int, width: int):
+    """(taps, C_in, C_out): one (C_in, N) @ (N, C_out) product per tap, in a loop over the taps.
+
+    Not one product over the im2col matrix: XLA:CPU's concatenation of columns C_in wide costs
+    more than it saves. A loop, not nine unrolled slices: XLA fuses whatever computed `x`
+    (BatchNorm, ReLU, dropout) into each slice and recomputes it nine times; a loop's operand is
+    materialised once, and each window is a plain copy.
+    """
+    batch, in_height, in_width, in_features = x.shape
+    window_shape = (batch, in_height - height + 1, in_width - width + 1, in_features)
+
+    def add_tap(tap, grad_kernel):
+        window = lax.dynamic_slice(x, (0, tap // width, tap % width, 0), window_shape)
+        return grad_kernel.at[tap].set(window.reshape(-1, in_features).T @ flat_grad)
+
+    grad_kernel = jnp.zeros((height * width, in_features, flat_grad.shape[-1]), x.dtype)
+    return lax.fori_loop(0, height * width, add_tap, grad_kernel)
 
 
 @jax.custom_vjp
 def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 'VALID' convolution of NHWC `x` with an HWIO `kernel`."""
-    return _conv(x, kernel)
+    return _forward(x, kernel)[0]
 
 
 def _conv_valid_fwd(x, kernel):
-    return _conv(x, kernel), (x, kernel)
+    out, patches = _forward(x, kernel)
+    return out, (x, kernel, patches)
 
 
 def _conv_valid_bwd(residuals, grad_out):
-    x, kernel = residuals
+    x, kernel, patches = residuals
     height, width, in_features, out_features = kernel.shape
     flat_grad = grad_out.reshape(-1, out_features)
-    windows = [window for _, _, window in _taps(x, height, width)]
-    if in_features <= FEW_CHANNELS:
-        # One (taps * C_in, N) @ (N, C_out) product over the im2col matrix, N = batch * output
-        # pixels: nine products with C_in = 1 took five times as long.
-        patches = jnp.concatenate(windows, axis=-1).reshape(-1, height * width * in_features)
+    if patches is not None:
+        # One (taps * C_in, N) @ (N, C_out) product, N = batch * output pixels: nine products
+        # with C_in = 1 took five times as long.
         grad_kernel = patches.T @ flat_grad
     else:
-        # One (C_in, N) @ (N, C_out) product per tap: XLA:CPU's concatenation of im2col
-        # columns C_in wide costs more than it saves.
-        grad_kernel = jnp.stack([window.reshape(-1, in_features).T @ flat_grad
-                                 for window in windows])
+        grad_kernel = _kernel_grad_per_tap(x, flat_grad, height, width)
     # Input gradient: full convolution of the output gradient with the flipped kernel.
     padded = jnp.pad(grad_out, ((0, 0), (height - 1, height - 1), (width - 1, width - 1), (0, 0)))
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_impl.conv import conv_general_dilated
+from flax_impl.pool import max_pool
 
 # PyTorch's default initialisation (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)), so both
 # frameworks start from the same distribution.
@@ -101,7 +102,7 @@ class Net(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = ConvBlock(1, 10, self.dropout, name="block1")(x, train)
         x = ConvBlock(10, 16, self.dropout, name="block2")(x, train)
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x, (2, 2), strides=(2, 2))
         x = ConvBlock(16, 16, self.dropout, name="block3")(x, train)
         x = ConvBlock(16, 16, self.dropout, name="block4")(x, train)
         x = ConvBlock(16, 24, self.dropout, name="block5")(x, train)
@@ -124,10 +125,10 @@ class SeedNet(nn.Module):
         del train  # no dropout or BatchNorm
         x = nn.relu(Conv(32, 1, padding=1, name="conv1")(x))
         x = nn.relu(Conv(64, 32, padding=1, name="conv2")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x, (2, 2), strides=(2, 2))
         x = nn.relu(Conv(128, 64, padding=1, name="conv3")(x))
         x = nn.relu(Conv(256, 128, padding=1, name="conv4")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x, (2, 2), strides=(2, 2))
         x = nn.relu(Conv(512, 256, name="conv5")(x))
         x = nn.relu(Conv(1024, 512, name="conv6")(x))
         x = Conv(10, 1024, name="conv7")(x)

@@ -73,7 +73,41 @@ def test_speed_benchmark_runs_and_writes_json(tmp_path, monkeypatch, capsys):
     numbers = json.loads(out.read_text())
     assert numbers["flax"]["step"]["n"] == 2 and numbers["torch"]["step"]["n"] == 4
     assert numbers["paired_step_speedup"] > 0
-    assert numbers["flax"]["train_flops_per_image"] > 1e6
+    assert numbers["train_flops_per_image"] == speed.train_flops_per_image()
+
+
+def test_flop_count_agrees_with_torchs_flop_counter():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from torch_ref.model import create_model
+
+    model = create_model("net", 0.0).train()
+    with FlopCounterMode(display=False) as counter:  # convolutions and matmuls, fwd + bwd
+        model(torch.randn(4, 1, 28, 28)).sum().backward()
+    assert speed.train_flops_per_image() == counter.get_total_flops() / 4
+
+
+def test_each_undone_speedup_changes_the_compiled_step():
+    """The ablation's patches must reach the traced step (else it times the default twice)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flax_impl import train as flax_train
+    from flax_impl.config import Config
+
+    def lowered_step() -> str:
+        model, tx, state, key = flax_train.build(Config(), 10)
+        step = flax_train.make_train_step(model, tx, Config())
+        batch = (jnp.zeros((128, 28, 28), jnp.uint8), jnp.zeros((128,), jnp.int32))
+        return jax.jit(step).lower(state, batch, key).as_text()
+
+    default = lowered_step()
+    assert lowered_step() == default
+    for name, patch in speed.undone_speedups().items():
+        with speed.patched(*patch):
+            assert lowered_step() != default, name
+    assert lowered_step() == default  # and each patch is undone afterwards
 
 
 def test_layers_are_nets_convolutions_in_order():
