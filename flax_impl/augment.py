@@ -86,12 +86,16 @@ def _rotate_by_gather(images: jax.Array, degrees: jax.Array) -> jax.Array:
 def rotate(images: jax.Array, degrees: jax.Array, max_degrees: float | None = None) -> jax.Array:
     """Rotate each image of (B, H, W, C) counter-clockwise by its angle in degrees (bilinear, 0 fill).
 
-    `max_degrees`, if given, must bound every |angle|: small bounds take the gather-free path.
+    `max_degrees`, if given, must bound every |angle|: small bounds take the gather-free path,
+    which cannot reach pixels further away, so an image whose angle breaks the bound comes out
+    NaN rather than silently wrong.
     """
     if max_degrees is not None:
         radius = shift_radius(images.shape[1], images.shape[2], max_degrees)
         if radius <= MAX_SHIFT_RADIUS:
-            return _rotate_by_shifts(images, degrees, radius)
+            rotated = _rotate_by_shifts(images, degrees, radius)
+            within = (jnp.abs(degrees) <= abs(max_degrees))[:, None, None, None]
+            return jnp.where(within, rotated, jnp.nan)
     return _rotate_by_gather(images, degrees)
 
 

@@ -60,6 +60,13 @@ def test_both_paths_rotate_as_torch_does(max_degrees):
                                atol=1e-5)
 
 
+def test_an_angle_beyond_the_bound_gives_nan_not_a_wrong_image():
+    images = digits(3)
+    rotated = rotate(images, jnp.array([7.0, -7.0, 12.0]), max_degrees=7.0)
+    assert np.isfinite(rotated[:2]).all()
+    assert np.isnan(rotated[2]).all()
+
+
 def test_random_rotate_draws_its_angles_from_the_key_and_zero_is_identity():
     images = digits(64)
     key = jax.random.key(0)
