@@ -23,12 +23,17 @@ from jax.scipy.ndimage import map_coordinates
 MAX_SHIFT_RADIUS = 3
 
 
+def _pixel_grid(height: int, width: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """(rows, cols), each (H, W): every pixel's row and column index."""
+    return jnp.meshgrid(jnp.arange(height, dtype=dtype), jnp.arange(width, dtype=dtype),
+                        indexing="ij")
+
+
 def _source_offsets(height: int, width: int, degrees: jax.Array, dtype):
     """(dy, dx) of shape (B, H, W): where each output pixel reads, relative to itself."""
     radians = jnp.deg2rad(degrees)[:, None, None]
     cos, sin = jnp.cos(radians), jnp.sin(radians)
-    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=dtype), jnp.arange(width, dtype=dtype),
-                              indexing="ij")
+    rows, cols = _pixel_grid(height, width, dtype)
     # Coordinates about the centre; each output pixel reads the input at its position rotated
     # the other way.
     x, y = cols - (width - 1) / 2, rows - (height - 1) / 2
@@ -73,8 +78,7 @@ def _rotate_by_gather(images: jax.Array, degrees: jax.Array) -> jax.Array:
     """Bilinear rotation by any angle: each source point's four neighbours, gathered."""
     _, height, width, _ = images.shape
     dy, dx = _source_offsets(height, width, degrees, images.dtype)
-    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=images.dtype),
-                              jnp.arange(width, dtype=images.dtype), indexing="ij")
+    rows, cols = _pixel_grid(height, width, images.dtype)
 
     def rotate_one(image, source_y, source_x):  # (H, W) image
         return map_coordinates(image, [source_y, source_x], order=1, mode="constant", cval=0.0)
