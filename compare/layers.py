@@ -2,7 +2,7 @@
 
 `python -m compare.layers [--json FILE]` times, for each 3x3 convolution of `Net` at the recipe's
 batch size, the forward pass and the backward pass (the gradients training needs: the kernel's,
-and the input's except for the first layer) with `flax_impl.conv` under `jax.jit` and with
+and the input's except for the first layer) with `flax_impl.fast.conv` under `jax.jit` and with
 `torch.nn.functional.conv2d` under autograd, alternating the two; medians in ms. A benchmark: it
 prints numbers and asserts nothing.
 """
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from compare.machine import cpu_name, vector_extensions
 from flax_impl.config import Config
-from flax_impl.conv import conv_valid
+from flax_impl.fast.conv import conv_valid
 from torch_ref.model import create_model as create_torch_model
 
 
@@ -104,8 +105,9 @@ def report(rows: list[dict]) -> str:
             f"{row['torch_forward']:>9.2f}ms{row['torch_forward'] / row['flax_forward']:>6.2f}x"
             f"{row['flax_backward']:>9.2f}ms{row['torch_backward']:>9.2f}ms"
             f"{row['torch_backward'] / row['flax_backward']:>6.2f}x")
-    lines.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax "
-                 f"{jax.__version__} ({jax.default_backend()}); backward: the kernel gradient, "
+    lines.append(f"{cpu_name()} ({vector_extensions()}); torch {torch.__version__} "
+                 f"({torch.get_num_threads()} threads), jax {jax.__version__} "
+                 f"({jax.default_backend()}); backward: the kernel gradient, "
                  f"and the input gradient except for the first layer")
     return "\n".join(lines)
 

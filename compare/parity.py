@@ -1,21 +1,24 @@
 """Numerical parity of the Flax port and the torch reference: `python -m compare.parity`.
 
 Prints one row per check (check, error, tolerance, pass) and exits 1 if any fails. The same
-checks run as tests (tests/test_parity.py). All on real MNIST, float32, CPU:
+checks run as tests (tests/test_parity.py). All on real MNIST, float32, on the CPU or, with
+`--device cuda` (the default where torch sees a GPU), torch on CUDA and JAX on its default
+device, with TF32 off in both (float32 matrix products in full precision):
 
 1. eval-mode outputs with weights converted torch->Flax and Flax->torch (Net, SeedNet);
-2. train-mode outputs (batch statistics) and BatchNorm running statistics after one step;
-3. gradients of the loss for every parameter;
-4. 100 optimizer steps from the same weights on the same batches (no augmentation or dropout);
-5. the learning-rate schedule at every step of a full default run;
-6. the rotation augmentation for the same angles;
-7. a model trained in one framework scores the same test accuracy in the other;
+2. train-mode outputs (batch statistics), BatchNorm running statistics after one step and the
+   gradients of the loss for every parameter;
+3. 100 optimizer steps from the same weights on the same batches (no augmentation or dropout);
+4. the learning-rate schedule at every step of a full default run;
+5. the rotation augmentation for the same angles;
+6. a model trained in one framework scores the same test accuracy in the other;
    `--torch-model PATH` checks only this, for a saved torch model.pt (a full run's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import pickle
 import sys
@@ -28,16 +31,23 @@ import torch
 import torch.nn.functional as F
 
 from compare.convert import ConversionError, flax_to_torch, torch_to_flax
-from flax_impl import train as flax_train
+from flax_impl import core as flax_core
+from flax_impl import fast
+from flax_impl import setup as flax_setup
 from flax_impl.augment import rotate as flax_rotate
-from flax_impl.config import Config
-from flax_impl.data import Mnist, load_mnist, normalize
+from flax_impl.config import Config, ConfigError
+from flax_impl.data import DataError, Mnist, load_mnist
 from flax_impl.model import create_model as create_flax_model
-from torch_ref import train as torch_train
+from flax_impl.model import to_inputs as flax_to_inputs
+from torch_ref import core as torch_core
+from torch_ref import setup as torch_setup
 from torch_ref.augment import rotate as torch_rotate
 from torch_ref.model import create_model as create_torch_model
+from torch_ref.model import to_inputs as torch_to_inputs
+from torch_ref.setup import DEVICES, resolve_device
 
 BATCH = 128
+CPU = torch.device("cpu")
 NO_NOISE = Config(max_rotation=0.0, dropout=0.0)  # the recipe without randomness
 
 
@@ -55,33 +65,29 @@ class Check:
         return bool(self.error <= self.tolerance)
 
 
-def pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 (B, 28, 28) -> float32 (B, 28, 28) in [0, 1]."""
-    return images.astype(np.float32) / 255.0
-
-
-def torch_inputs(images: np.ndarray) -> torch.Tensor:
-    """Normalised NCHW torch input of uint8 images."""
-    return normalize(torch.from_numpy(pixels(images))[:, None])
+def torch_inputs(images: np.ndarray, device: torch.device = CPU) -> torch.Tensor:
+    """torch's model input of uint8 numpy images, on `device`."""
+    return torch_to_inputs(torch.from_numpy(images).to(device))
 
 
 def flax_inputs(images: np.ndarray) -> jax.Array:
-    """Normalised NHWC jax input of uint8 images."""
-    return normalize(jnp.asarray(pixels(images))[..., None])
+    """Flax's model input of uint8 numpy images."""
+    return flax_to_inputs(jnp.asarray(images))
 
 
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def warmed_torch_model(name: str, data: Mnist, seed: int = 0) -> torch.nn.Module:
+def warmed_torch_model(name: str, data: Mnist, device: torch.device = CPU, seed: int = 0
+                       ) -> torch.nn.Module:
     """A torch model with random weights and non-trivial BatchNorm running statistics."""
     torch.manual_seed(seed)
-    model = create_torch_model(name, dropout=0.0)
+    model = create_torch_model(name, dropout=0.0).to(device)
     model.train()
     with torch.no_grad():
         for start in range(0, 3 * BATCH, BATCH):
-            model(torch_inputs(data.train_images[start:start + BATCH]))
+            model(torch_inputs(data.train_images[start:start + BATCH], device))
     return model.eval()
 
 
@@ -89,26 +95,28 @@ def flax_eval(name: str, variables: dict, images: np.ndarray) -> np.ndarray:
     return np.asarray(jax.jit(create_flax_model(name, 0.0).apply)(variables, flax_inputs(images)))
 
 
-def check_eval_outputs(data: Mnist, name: str, tolerance: float) -> list[Check]:
+def check_eval_outputs(data: Mnist, name: str, tolerance: float, device: torch.device = CPU
+                       ) -> list[Check]:
     """1. Eval outputs agree after converting weights in both directions."""
     images = data.test_images[:BATCH]
-    torch_model = warmed_torch_model(name, data)
+    torch_model = warmed_torch_model(name, data, device)
     with torch.no_grad():
-        expected = torch_model(torch_inputs(images)).numpy()
+        expected = torch_model(torch_inputs(images, device)).cpu().numpy()
     to_flax = max_abs(flax_eval(name, torch_to_flax(torch_model.state_dict(), name), images),
                       expected)
 
     flax_model = create_flax_model(name, 0.0)
     variables = jax.jit(flax_model.init)(jax.random.key(1), flax_inputs(images[:1]))
-    back = create_torch_model(name, dropout=0.0).eval()
+    back = create_torch_model(name, dropout=0.0).to(device).eval()
     back.load_state_dict(flax_to_torch(variables, name))
     with torch.no_grad():
-        to_torch = max_abs(back(torch_inputs(images)).numpy(), flax_eval(name, variables, images))
+        to_torch = max_abs(back(torch_inputs(images, device)).cpu().numpy(),
+                           flax_eval(name, variables, images))
     return [Check(f"eval output {name}, torch->flax", to_flax, tolerance),
             Check(f"eval output {name}, flax->torch", to_torch, tolerance)]
 
 
-def train_mode_pass(data: Mnist, dtype=np.float32):
+def train_mode_pass(data: Mnist, dtype=np.float32, device: torch.device = CPU):
     """One train-mode forward and backward of Net in both frameworks from the same weights.
 
     Returns (torch output, Flax output, torch state_dict after the step, Flax's as a state_dict,
@@ -116,12 +124,12 @@ def train_mode_pass(data: Mnist, dtype=np.float32):
     """
     images = data.train_images[:BATCH]
     labels = data.train_labels[:BATCH].astype(np.int64)
-    torch_model = warmed_torch_model("net", data).train()
+    torch_model = warmed_torch_model("net", data, device).train()
     variables = torch_to_flax(torch_model.state_dict(), "net")
     torch_model = torch_model.to(torch.float64 if dtype == np.float64 else torch.float32)
-    log_probs = torch_model(torch_inputs(images).to(next(torch_model.parameters()).dtype))
-    F.nll_loss(log_probs, torch.from_numpy(labels)).backward()
-    torch_grads = {k: p.grad.numpy() for k, p in torch_model.named_parameters()}
+    log_probs = torch_model(torch_inputs(images, device).to(next(torch_model.parameters()).dtype))
+    F.nll_loss(log_probs, torch.from_numpy(labels).to(device)).backward()
+    torch_grads = {k: p.grad.cpu().numpy() for k, p in torch_model.named_parameters()}
 
     model = create_flax_model("net", 0.0)
     with jax.enable_x64(dtype == np.float64):
@@ -132,14 +140,14 @@ def train_mode_pass(data: Mnist, dtype=np.float32):
             out, updates = model.apply({"params": params,
                                         "batch_stats": variables["batch_stats"]},
                                        inputs, train=True, mutable=["batch_stats"])
-            return flax_train.nll_loss(out, jnp.asarray(labels)), (out, updates["batch_stats"])
+            return flax_core.nll_loss(out, jnp.asarray(labels)), (out, updates["batch_stats"])
 
         grads, (flax_out, stats) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
         grads, flax_out, stats = jax.tree.map(np.asarray, (grads, flax_out, stats))
     # One torch-named dict holds both: the gradients (as weights) and the new running statistics.
     as_torch = flax_to_torch({"params": grads, "batch_stats": stats}, "net")
-    return (log_probs.detach().numpy(), flax_out, torch_model.state_dict(), as_torch,
-            torch_grads, as_torch)
+    torch_state = {k: v.cpu() for k, v in torch_model.state_dict().items()}
+    return log_probs.detach().cpu().numpy(), flax_out, torch_state, as_torch, torch_grads, as_torch
 
 
 def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict) -> tuple[str, float]:
@@ -153,13 +161,14 @@ def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict) -> tuple[
     return worst, errors[worst]
 
 
-def check_train_mode(data: Mnist) -> list[Check]:
-    """2. and 3. Train-mode outputs, running statistics after the step, gradients."""
-    torch_out, flax_out, torch_state, flax_state, torch_grads, flax_grads = train_mode_pass(data)
+def check_train_mode(data: Mnist, device: torch.device = CPU) -> list[Check]:
+    """2. Train-mode outputs, running statistics after the step, gradients."""
+    torch_out, flax_out, torch_state, flax_state, torch_grads, flax_grads = train_mode_pass(
+        data, np.float32, device)
     stats = max(max_abs(torch_state[k], flax_state[k]) for k in torch_state
                 if k.endswith(("running_mean", "running_var")))
     worst32, error32 = worst_relative_gradient_error(torch_grads, flax_grads)
-    *_, torch_grads64, flax_grads64 = train_mode_pass(data, np.float64)
+    *_, torch_grads64, flax_grads64 = train_mode_pass(data, np.float64, device)
     worst64, error64 = worst_relative_gradient_error(torch_grads64, flax_grads64)
     torch_own = worst_relative_gradient_error(torch_grads64, torch_grads)[1]
     return [Check("train-mode output (batch statistics)", max_abs(torch_out, flax_out), 1e-5),
@@ -172,48 +181,49 @@ def check_train_mode(data: Mnist) -> list[Check]:
                   f"{torch_own:.1e} from float64")]
 
 
-def optimizer_steps(data: Mnist, steps: int, dtype) -> tuple[float, float]:
+def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU
+                    ) -> tuple[float, float]:
     """`steps` SGD steps of each framework's own train step from the same weights on the same
     batches, in `dtype`: (largest loss gap, largest relative weight/statistics gap at the end)."""
-    config = dataclasses.replace(NO_NOISE, epochs=1)
-    torch_model = warmed_torch_model("net", data).train()
+    config = dataclasses.replace(NO_NOISE, epochs=1, train_examples=steps * BATCH)
+    torch_model = warmed_torch_model("net", data, device).train()
     variables = torch_to_flax(torch_model.state_dict(), "net")
     torch_model = torch_model.to(torch.float64 if dtype == np.float64 else torch.float32)
-    optimizer, scheduler = torch_train.create_optimizer(torch_model, config, steps)
+    optimizer, scheduler = torch_core.create_optimizer(torch_model, config, steps)
     generator = torch.Generator()
-    model = create_flax_model("net", 0.0)
-    tx = flax_train.create_optimizer(config, steps)
+    run = flax_setup.setup_training(config, data, devices=jax.devices()[:1])
     loss_gap = 0.0
     with jax.enable_x64(dtype == np.float64):
         params, stats = jax.tree.map(lambda x: jnp.asarray(x, dtype),
                                      (variables["params"], variables["batch_stats"]))
-        state = flax_train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                      batch_stats=stats, opt_state=tx.init(params))
-        step = jax.jit(flax_train.make_train_step(model, tx, config))
+        state = run.state.replace(params=params, batch_stats=stats,
+                                  opt_state=run.state.tx.init(params))
+        step = jax.jit(run.train_step)
         for i in range(steps):
             images = data.train_images[i * BATCH:(i + 1) * BATCH]
             labels = data.train_labels[i * BATCH:(i + 1) * BATCH]
-            torch_loss = torch_train.train_step(torch_model, optimizer, scheduler,
-                                                torch.from_numpy(images),
-                                                torch.from_numpy(labels).long(), config, generator)
+            torch_loss = torch_core.train_step(torch_model, optimizer, scheduler,
+                                               torch.from_numpy(images).to(device),
+                                               torch.from_numpy(labels).long().to(device), config,
+                                               generator)
             state, metrics = step(state, (jnp.asarray(images), jnp.asarray(labels)),
                                   jax.random.key(i))
             loss_gap = max(loss_gap, abs(float(metrics["loss"]) - torch_loss.item()))
-        final = jax.tree.map(np.asarray, {"params": state.params, "batch_stats": state.batch_stats})
+        final = jax.tree.map(np.asarray, flax_core.variables_of(state))
     converted = flax_to_torch(final, "net")
-    param_gap = max(max_abs(converted[k], p.detach()) / max(float(p.abs().max()), 1e-12)
+    param_gap = max(max_abs(converted[k], p.detach().cpu()) / max(float(p.abs().max()), 1e-12)
                     for k, p in torch_model.state_dict().items() if p.is_floating_point())
     return loss_gap, param_gap
 
 
-def check_optimizer_steps(data: Mnist, steps: int = 100, float32_drift: bool = True
-                          ) -> list[Check]:
-    """4. `steps` optimizer steps: exact maths in float64; optionally the float32 drift."""
-    loss64, params64 = optimizer_steps(data, steps, np.float64)
+def check_optimizer_steps(data: Mnist, steps: int = 100, float32_drift: bool = True,
+                          device: torch.device = CPU) -> list[Check]:
+    """3. `steps` optimizer steps: exact maths in float64; optionally the float32 drift."""
+    loss64, params64 = optimizer_steps(data, steps, np.float64, device)
     checks = [Check(f"{steps} SGD steps, float64: loss, max |difference|", loss64, 1e-6),
               Check(f"{steps} SGD steps, float64: weights and stats (relative)", params64, 1e-5)]
     if float32_drift:
-        loss32, params32 = optimizer_steps(data, steps, np.float32)
+        loss32, params32 = optimizer_steps(data, steps, np.float32, device)
         drift = (f"float32 rounding differences grow chaotically at the peak rate: after "
                  f"{steps} steps the weights differ by {params32:.2g} (relative)")
         checks.append(Check(f"{steps} SGD steps, float32: loss, max |difference|", loss32, 0.1,
@@ -222,16 +232,16 @@ def check_optimizer_steps(data: Mnist, steps: int = 100, float32_drift: bool = T
 
 
 def check_schedule(num_train: int = 60_000) -> list[Check]:
-    """5. The learning rate at every step of a full default run."""
+    """4. The learning rate at every step of a full default run."""
     config = Config()
     total = config.epochs * config.steps_per_epoch(num_train)
-    optimizer, scheduler = torch_train.create_optimizer(torch.nn.Linear(1, 1), config, total)
+    optimizer, scheduler = torch_core.create_optimizer(torch.nn.Linear(1, 1), config, total)
     torch_lrs = []
     for _ in range(total):
         torch_lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    flax_lrs = np.asarray(jax.jit(jax.vmap(flax_train.onecycle_schedule(config, total)))(
+    flax_lrs = np.asarray(jax.jit(jax.vmap(flax_core.onecycle_schedule(config, total)))(
         jnp.arange(total)))
     relative = np.max(np.abs(flax_lrs - np.array(torch_lrs)) / np.array(torch_lrs))
     return [Check(f"learning rate, all {total} steps (relative)", float(relative), 1e-5,
@@ -239,65 +249,58 @@ def check_schedule(num_train: int = 60_000) -> list[Check]:
 
 
 def check_rotation(data: Mnist) -> list[Check]:
-    """6. The same angles rotate the same images identically."""
-    images = pixels(data.train_images[:BATCH])
+    """5. The same angles rotate the same images identically."""
+    images = data.train_images[:BATCH].astype(np.float32) / 255.0
     max_degrees = Config().max_rotation
     angles = np.random.default_rng(0).uniform(-max_degrees, max_degrees, BATCH).astype(np.float32)
     by_torch = torch_rotate(torch.from_numpy(images)[:, None], torch.from_numpy(angles))
     images, angles = jnp.asarray(images)[..., None], jnp.asarray(angles)
     by_gather = flax_rotate(images, angles)
-    by_shifts = flax_rotate(images, angles, max_degrees)  # the training path
-    return [Check("rotation, same angles (any angle: gather)",
+    by_shifts = fast.rotate(images, angles, max_degrees)
+    return [Check("rotation, same angles (stock: gather)",
                   max_abs(by_torch[:, 0], by_gather[..., 0]), 1e-5),
-            Check("rotation, same angles (training: shifted copies)",
+            Check("rotation, same angles (fast: shifted copies)",
                   max_abs(by_torch[:, 0], by_shifts[..., 0]), 1e-5)]
 
 
-def test_accuracy_torch(model: torch.nn.Module, data: Mnist) -> int:
-    return torch_train.evaluate(model.eval(), torch.from_numpy(data.test_images),
-                                torch.from_numpy(data.test_labels).long(), 1000)[1]
+def correct_in_torch(model: torch.nn.Module, data: Mnist) -> int:
+    """Correct test predictions of a torch model (on the model's device)."""
+    device = next(model.parameters()).device
+    return torch_core.evaluate(model.eval(), torch.from_numpy(data.test_images).to(device),
+                               torch.from_numpy(data.test_labels).long().to(device), 1000)[1]
 
 
-def test_accuracy_flax(variables: dict, data: Mnist) -> int:
-    evaluate = flax_train.make_evaluate(
-        create_flax_model("net", 0.0), 1000,
-        jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
-                                   jax.sharding.PartitionSpec("data")))
-    return int(evaluate(variables, jnp.asarray(data.test_images),
-                        jnp.asarray(data.test_labels))[1])
+def correct_in_flax(run: flax_setup.Setup, variables: dict) -> int:
+    """Correct test predictions of Flax `variables`, by a training setup's evaluation."""
+    return int(run.evaluate(variables, *run.test_data)[1])
 
 
 class ParityInputError(Exception):
     """A file given to a parity check cannot be used."""
 
 
-def check_trained_models(data: Mnist, steps: int = 150) -> list[Check]:
-    """7. Train briefly in each framework; the converted model scores the same in the other."""
-    config = dataclasses.replace(NO_NOISE, epochs=1)
-    torch.manual_seed(0)
-    torch_model = create_torch_model("net", dropout=0.0)
-    optimizer, scheduler = torch_train.create_optimizer(torch_model, config, steps)
-    generator = torch.Generator()
+def check_trained_models(data: Mnist, steps: int = 150, device: torch.device = CPU
+                         ) -> list[Check]:
+    """6. Train briefly in each framework; the converted model scores the same in the other."""
+    config = dataclasses.replace(NO_NOISE, epochs=1, train_examples=steps * BATCH)
+    torch_run = torch_setup.setup_training(config, data, device.type)
+    order = torch.arange(steps * BATCH, device=device)  # both: the first batches, in order
     for i in range(steps):
-        torch_model.train()
-        torch_train.train_step(torch_model, optimizer, scheduler,
-                               torch.from_numpy(data.train_images[i * BATCH:(i + 1) * BATCH]),
-                               torch.from_numpy(data.train_labels[i * BATCH:(i + 1) * BATCH]).long(),
-                               config, generator)
-    torch_correct = test_accuracy_torch(torch_model, data)
-    flax_correct = test_accuracy_flax(torch_to_flax(torch_model.state_dict()), data)
+        torch_run.run_step(order, i)
+    run = flax_setup.setup_training(config, data, devices=jax.devices()[:1])
+    torch_correct = correct_in_torch(torch_run.model, data)
+    flax_correct = correct_in_flax(run, torch_to_flax(torch_run.model.state_dict()))
 
-    model, tx, state, _ = flax_train.build(config, steps)
-    step = jax.jit(flax_train.make_train_step(model, tx, config))
+    state, step = run.state, jax.jit(run.train_step)
     for i in range(steps):
         batch = (jnp.asarray(data.train_images[i * BATCH:(i + 1) * BATCH]),
                  jnp.asarray(data.train_labels[i * BATCH:(i + 1) * BATCH]))
         state, _ = step(state, batch, jax.random.key(i))
-    variables = flax_train.variables_of(state)
-    flax_native = test_accuracy_flax(variables, data)
-    back = create_torch_model("net", dropout=0.0)
+    variables = flax_core.variables_of(state)
+    flax_native = correct_in_flax(run, variables)
+    back = create_torch_model("net", dropout=0.0).to(device)
     back.load_state_dict(flax_to_torch(variables))
-    torch_converted = test_accuracy_torch(back, data)
+    torch_converted = correct_in_torch(back, data)
     return [Check("torch-trained, test accuracy in Flax (images differing)",
                   abs(flax_correct - torch_correct), 0,
                   f"{torch_correct} vs {flax_correct} correct of {len(data.test_images)}"),
@@ -306,34 +309,36 @@ def check_trained_models(data: Mnist, steps: int = 150) -> list[Check]:
                   f"{flax_native} vs {torch_converted} correct of {len(data.test_images)}")]
 
 
-def check_saved_torch_model(data: Mnist, path: str) -> list[Check]:
-    """7b. A torch `model.pt` (e.g. a full default run's), converted, scores the same in Flax."""
+def check_saved_torch_model(data: Mnist, path: str, device: torch.device = CPU) -> list[Check]:
+    """6b. A torch `model.pt` (e.g. a full default run's), converted, scores the same in Flax."""
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        torch_model = create_torch_model("net", dropout=0.0)
+        torch_model = create_torch_model("net", dropout=0.0).to(device)
         torch_model.load_state_dict(state_dict)
         variables = torch_to_flax(state_dict)
     except (OSError, RuntimeError, ConversionError, pickle.UnpicklingError) as error:
         raise ParityInputError(f"cannot use {path} as a torch Net state_dict "
                                f"({type(error).__name__}: {str(error).splitlines()[0]}); "
                                f"pass the model.pt of a torch_ref.train workdir") from None
-    torch_correct = test_accuracy_torch(torch_model, data)
-    flax_correct = test_accuracy_flax(variables, data)
+    run = flax_setup.setup_training(dataclasses.replace(NO_NOISE, epochs=1), data,
+                                   devices=jax.devices()[:1])
+    torch_correct = correct_in_torch(torch_model, data)
+    flax_correct = correct_in_flax(run, variables)
     return [Check("saved torch model, test accuracy in Flax (images differing)",
                   abs(flax_correct - torch_correct), 0,
                   f"{path}: {torch_correct} vs {flax_correct} correct of "
                   f"{len(data.test_images)}")]
 
 
-def all_checks(data: Mnist) -> list[Callable[[], list[Check]]]:
-    """Every check, as a thunk, in the order of the module docstring."""
-    return [lambda: check_eval_outputs(data, "net", 1e-5),
-            lambda: check_eval_outputs(data, "seednet", 1e-4),
-            lambda: check_train_mode(data),
-            lambda: check_optimizer_steps(data),
+def all_checks(data: Mnist, device: torch.device = CPU) -> list[Callable[[], list[Check]]]:
+    """The six checks of the module docstring, in order, as thunks; torch on `device`."""
+    return [lambda: (check_eval_outputs(data, "net", 1e-5, device)
+                     + check_eval_outputs(data, "seednet", 1e-4, device)),
+            lambda: check_train_mode(data, device),
+            lambda: check_optimizer_steps(data, device=device),
             lambda: check_schedule(len(data.train_images)),
             lambda: check_rotation(data),
-            lambda: check_trained_models(data)]
+            lambda: check_trained_models(data, device=device)]
 
 
 def format_rows(checks: list[Check]) -> str:
@@ -346,6 +351,22 @@ def format_rows(checks: list[Check]) -> str:
                      for r in rows)
 
 
+@contextlib.contextmanager
+def full_float32_precision():
+    """Within: float32 matrix products and convolutions in full float32 in both frameworks.
+
+    GPUs since Ampere default to TF32 (10-bit mantissa) in both, which breaks 1e-5 parity; on
+    the CPU this changes nothing.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m compare.parity", description=__doc__,
@@ -353,17 +374,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-source", default="auto")
     parser.add_argument("--torch-model", metavar="PATH",
                         help="only check this trained torch model.pt, converted to Flax")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="torch's device (auto: CUDA where torch sees a GPU)")
+    parser.add_argument("--checks", default="1,2,3,4,5,6",
+                        help="which of the numbered checks to run, e.g. 4,5")
     args = parser.parse_args(argv)
+    try:
+        chosen = sorted({int(n) for n in args.checks.split(",")})
+        if not all(1 <= n <= 6 for n in chosen):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--checks takes numbers from 1 to 6 separated by commas, got "
+                     f"{args.checks!r}")
     torch.manual_seed(0)
-    data = load_mnist(args.data_source)
-    if args.torch_model:
-        try:
-            checks = check_saved_torch_model(data, args.torch_model)
-        except ParityInputError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    else:
-        checks = [check for run in all_checks(data) for check in run()]
+    try:
+        device = resolve_device(args.device)
+        data = load_mnist(args.data_source)
+        with full_float32_precision():
+            if args.torch_model:
+                checks = check_saved_torch_model(data, args.torch_model, device)
+            else:
+                runs = all_checks(data, device)
+                checks = [check for n in chosen for check in runs[n - 1]()]
+    except (ParityInputError, ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"torch on {device}, jax on {jax.devices()[0].platform}")
     print(format_rows(checks))
     failed = [c.name for c in checks if not c.passed]
     print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")

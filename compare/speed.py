@@ -13,7 +13,8 @@ the achieved GFLOP/s. A benchmark: it prints numbers and asserts nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -21,49 +22,22 @@ import statistics
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import torch
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from compare.layers import conv_shapes
-from flax_impl import train as flax_train
+from compare.machine import cpu_name, peak_gflops, vector_extensions
+from flax_impl import augment as flax_augment
+from flax_impl import core as flax_core
+from flax_impl import fast as flax_fast
+from flax_impl import setup as flax_setup
 from flax_impl.config import Config
 from flax_impl.data import load_mnist
-from torch_ref import train as torch_train
+from flax_impl.kernels import FAST, STOCK, Kernels
+from torch_ref import setup as torch_setup
 from torch_ref.model import create_model as create_torch_model
-
-
-def cpu_name() -> str:
-    """The CPU model, from /proc/cpuinfo where there is one."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def peak_gflops() -> float | None:
-    """Rough float32 peak of this CPU: cores x clock x FLOPs per cycle (FMA: 2 per lane).
-
-    AVX-512 with FMA: 2 x 16 lanes x 2; AVX2 with FMA: 2 units x 8 lanes x 2 (Zen 2+, Haswell+).
-    """
-    try:
-        with open("/proc/cpuinfo") as file:
-            text = file.read()
-    except OSError:
-        return None
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
-    mhz = next((float(line.split(":")[1]) for line in text.splitlines()
-                if line.startswith("cpu MHz")), None)
-    if mhz is None or "fma" not in flags:
-        return None
-    per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
-    return (os.cpu_count() or 1) * mhz * 1e6 * per_cycle / 1e9
 
 
 def train_flops_per_image() -> float:
@@ -89,30 +63,21 @@ def spread(times: list[float]) -> dict:
 
 
 class FlaxBench:
-    """The Flax product path, ready to time: jitted scans of `steps_per_call` train steps."""
+    """The Flax training run as `flax_impl.train` builds it (`setup_training`), ready to time."""
 
-    def __init__(self, data, config: Config, steps_per_call: int):
-        self.steps_per_call = steps_per_call
-        self.steps = config.steps_per_epoch(len(data.train_images))
-        mesh = Mesh(np.array(jax.devices()), ("data",))
-        replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        model, tx, state, key = flax_train.build(config, self.steps)
-        self.state = jax.device_put(state, replicated)
-        self.arrays = jax.device_put((data.train_images, data.train_labels), replicated)
-        self.test = jax.device_put((data.test_images, data.test_labels), replicated)
-        self.step_fn = flax_train.make_train_step(model, tx, config)
-        self.train_chunk = flax_train.make_train_chunk(self.step_fn, batch_sharding)
-        self.evaluate_fn = flax_train.make_evaluate(model, config.eval_batch_size, batch_sharding)
-        self.indices, self.keys = flax_train.epoch_plan(key, 1, len(data.train_images),
-                                                        self.steps, config.batch_size)
+    def __init__(self, data, config: Config, steps_per_call: int,
+                 kernels: str | Kernels = "auto"):
+        self.run = flax_setup.setup_training(config, data, kernels=kernels,
+                                            steps_per_call=steps_per_call)
+        self.steps_per_call, self.steps = steps_per_call, self.run.steps_per_epoch
+        self.state, self.plan = self.run.state, self.run.plan(1)
         start = time.perf_counter()
         self._run(0, steps_per_call)
         self.evaluate()
         self.warmup_seconds = time.perf_counter() - start
 
     def _run(self, first: int, stop: int):
-        self.state, metrics = self.train_chunk(self.state, *self.arrays,
-                                               self.indices[first:stop], self.keys[first:stop])
+        self.state, metrics = self.run.run_chunk(self.state, self.plan, first, stop)
         return metrics
 
     def train(self, chunk: int, calls: int = 1) -> float:
@@ -127,46 +92,38 @@ class FlaxBench:
     def evaluate(self) -> float:
         """Seconds to evaluate the 10k test images."""
         start = time.perf_counter()
-        jax.block_until_ready(self.evaluate_fn(flax_train.variables_of(self.state), *self.test))
+        jax.block_until_ready(self.run.evaluate(flax_core.variables_of(self.state),
+                                                *self.run.test_data))
         return time.perf_counter() - start
 
     def epoch(self) -> float:
         """Seconds for one epoch of training, as `flax_impl.train` runs it."""
         start = time.perf_counter()
-        for first, stop in flax_train.chunks(self.steps, self.steps_per_call):
+        for _, first, stop in flax_core.chunk_plan(1, self.steps, self.steps_per_call):
             metrics = self._run(first, stop)
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
 
 
 class TorchBench:
-    """The torch product path, ready to time: its train_step on in-memory tensors."""
+    """The torch training run as `torch_ref.train` builds it (`setup_training`), ready to time."""
 
     def __init__(self, data, config: Config):
-        torch.manual_seed(0)
-        self.config = config
-        self.images = torch.from_numpy(data.train_images)
-        self.labels = torch.from_numpy(data.train_labels).long()
-        self.test = (torch.from_numpy(data.test_images), torch.from_numpy(data.test_labels).long())
-        self.steps = config.steps_per_epoch(len(self.images))
-        self.model = create_torch_model("net", config.dropout).train()
-        self.optimizer, self.scheduler = torch_train.create_optimizer(
-            self.model, config, config.epochs * self.steps)
-        self.generator = torch.Generator().manual_seed(0)
-        self.order = torch.randperm(len(self.images), generator=self.generator)
+        self.run = torch_setup.setup_training(config, data)
+        self.steps = self.run.steps_per_epoch
+        self.order = self.run.plan()
         self.done = 0
         start = time.perf_counter()
         self.train(3)
         self.warmup_seconds = time.perf_counter() - start
 
     def _step(self):
-        batch = self.config.batch_size
-        first = (self.done % self.steps) * batch
-        index = self.order[first:first + batch]
         self.done += 1
-        return torch_train.train_step(self.model, self.optimizer, self.scheduler,
-                                      self.images[index], self.labels[index], self.config,
-                                      self.generator)
+        return self.run.run_step(self.order, (self.done - 1) % self.steps)
+
+    def _sync(self):
+        if self.run.device.type == "cuda":  # CUDA runs asynchronously: wait for the step
+            torch.cuda.synchronize(self.run.device)
 
     def train(self, steps: int) -> list[float]:
         """Seconds of each of `steps` train steps."""
@@ -174,14 +131,14 @@ class TorchBench:
         for _ in range(steps):
             start = time.perf_counter()
             self._step()
+            self._sync()
             times.append(time.perf_counter() - start)
         return times
 
     def evaluate(self) -> float:
         """Seconds to evaluate the 10k test images."""
         start = time.perf_counter()
-        torch_train.evaluate(self.model, *self.test, self.config.eval_batch_size)
-        self.model.train()
+        self.run.test()
         return time.perf_counter() - start
 
     def epoch(self) -> float:
@@ -224,57 +181,37 @@ def side_by_side(flax: FlaxBench, torch_bench: TorchBench, rounds: int, epoch: b
     return results
 
 
-def undone_speedups() -> dict[str, tuple[object, str, object]]:
-    """Each speed-up of the Flax step as the patch that undoes it: (module, attribute, value).
+def ablation_variants() -> dict[str, Kernels]:
+    """The fast kernels with each one undone in turn, and all of them (stock Flax).
 
     first_layer_as_others: XLA's convolution forward and a product per tap for the first layer's
-    kernel gradient; gather_rotation: the rotation by gathering (`map_coordinates`) instead of
-    shifted copies; stock_pool: `nn.max_pool` (a reduce-window and select-and-scatter) in place
-    of flax_impl.pool; stock_conv: XLA's own convolution gradients (`lax.conv_general_dilated`
-    in place of flax_impl.conv).
+    kernel gradient (no im2col); gather_rotation: `augment.rotate` (a gather) instead of shifted
+    copies; stock_pool: `nn.max_pool` (a reduce-window and select-and-scatter); stock_conv:
+    `nn.Conv` (XLA's own convolution gradients); stock: all four.
     """
-    import flax.linen as nn
-    from jax import lax
-
-    import flax_impl.augment as flax_augment
-    import flax_impl.conv as flax_conv
-    import flax_impl.model as flax_model
-
+    no_im2col = functools.partial(flax_fast.conv_general_dilated, im2col_channels=0)
     return {
-        "first_layer_as_others": (flax_conv, "FEW_CHANNELS", 0),
-        "gather_rotation": (flax_augment, "MAX_SHIFT_RADIUS", 0),
-        "stock_pool": (flax_model, "max_pool", nn.max_pool),
-        "stock_conv": (flax_model, "conv_general_dilated", lax.conv_general_dilated),
+        "first_layer_as_others": dataclasses.replace(
+            FAST, conv=functools.partial(nn.Conv, conv_general_dilated=no_im2col)),
+        "gather_rotation": dataclasses.replace(FAST, rotate=flax_augment.rotate),
+        "stock_pool": dataclasses.replace(FAST, max_pool=nn.max_pool),
+        "stock_conv": dataclasses.replace(FAST, conv=nn.Conv),
+        "stock": STOCK,
     }
 
 
-@contextlib.contextmanager
-def patched(module, name: str, value):
-    """Temporarily set `module.name = value`."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
 def ablation(data, config: Config, rounds: int, steps_per_call: int) -> dict:
-    """Flax step medians with each speed-up undone, timed in turns with the default path.
+    """Flax step medians of each variant, timed in turns with the fast kernels.
 
-    Variants: a Python loop of jitted single steps, and each of `undone_speedups()`. For each:
-    the median ms per step and the slow-down against the default (the median of the per-round
-    ratios).
+    Variants: a Python loop of jitted single steps, and each of `ablation_variants()`. For each:
+    the median ms per step and the slow-down against the fast kernels (the median of the
+    per-round ratios).
     """
-
-    def build(patch):
-        with patched(*patch):  # FlaxBench compiles its step, which fixes the patch in it
-            return FlaxBench(data, config, steps_per_call)
-
     benches = {  # name: (bench, scan calls per round)
-        "default": (FlaxBench(data, config, steps_per_call), 1),
-        "python_loop": (FlaxBench(data, config, 1), steps_per_call),
-        **{name: (build(patch), 1) for name, patch in undone_speedups().items()},
+        "default": (FlaxBench(data, config, steps_per_call, FAST), 1),
+        "python_loop": (FlaxBench(data, config, 1, FAST), steps_per_call),
+        **{name: (FlaxBench(data, config, steps_per_call, kernels), 1)
+           for name, kernels in ablation_variants().items()},
     }
     times = {name: [] for name in benches}
     for i in range(rounds):
@@ -288,19 +225,22 @@ def ablation(data, config: Config, rounds: int, steps_per_call: int) -> dict:
 
 def machine() -> dict:
     """Where the numbers come from."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "jax_backend": jax.default_backend(),
+    return {"cpu": cpu_name(), "vector": vector_extensions(), "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
             "torch": torch.__version__, "python": platform.python_version(),
             "peak_gflops": peak_gflops()}
 
 
 ABLATIONS = {
-    "default": "default (flax_impl conv, pool, rotation; lax.scan)",
+    "default": "fast kernels (flax_impl.fast conv, pool, rotation; lax.scan)",
     "first_layer_as_others": "first layer like the others (no im2col, XLA forward)",
     "gather_rotation": "rotation by gathering (map_coordinates)",
     "stock_pool": "XLA's own max-pool gradient (nn.max_pool)",
     "python_loop": "Python loop of jitted single steps",
     "stock_conv": "XLA's own convolution gradients (stock nn.Conv)",
+    "stock": "stock Flax: nn.Conv, nn.max_pool, gather rotation",
 }
 
 
@@ -333,8 +273,8 @@ def report(results: dict) -> str:
                   "scan call, then as many\ntorch steps; their ratio's median over the rounds "
                   "(drift in the machine's speed cancels out)."]
     if "ablation" in results:
-        lines += ["", "flax with each speed-up undone, timed in turns with the default "
-                      "(median ms per train step, slow-down against the default):"]
+        lines += ["", "flax with each fast kernel undone, timed in turns with the fast kernels "
+                      "(median ms per train step, slow-down against them):"]
         for name, label in ABLATIONS.items():
             a = results["ablation"][name]
             lines.append(f"  {label:<58} {a['median_ms']:7.1f} ms  {a['slowdown']:5.2f}x")
@@ -343,7 +283,9 @@ def report(results: dict) -> str:
     of_peak = f" = {100 * achieved / peak:.0f} % of a {peak:.0f} GFLOP/s peak" if peak else ""
     lines += ["", f"training FLOPs per image (convolutions and head, forward and gradients): "
                   f"{flops / 1e6:.2f} M; achieved: flax {achieved:.1f} GFLOP/s{of_peak}",
-              f"machine: {m['cpu']}, {m['cores']} cores; jax {m['jax']} ({m['jax_backend']}, "
+              f"machine: {m['cpu']} ({m.get('vector', 'vector extensions not recorded')}), "
+              f"{m['cores']} cores{'; ' + m['gpu'] if m.get('gpu') else ''}; "
+              f"jax {m['jax']} ({m['jax_backend']}, "
               f"{len(m['jax_devices'])} device(s)), torch {m['torch']} "
               f"({results['torch']['threads']} threads), python {m['python']}"]
     return "\n".join(lines)
@@ -358,13 +300,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="Flax steps per jitted scan (default: the product's)")
     parser.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
     parser.add_argument("--ablation", action="store_true",
-                        help="also time Flax with each speed-up undone (slow: three more compiles)")
+                        help="also time Flax with each fast kernel undone, and stock Flax "
+                             "(slow: six more compiles)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     parser.add_argument("--data-source", default="auto")
     args = parser.parse_args(argv)
     config = Config(data_source=args.data_source)
     data = load_mnist(args.data_source)
-    steps_per_call = args.steps_per_call or flax_train.default_steps_per_call()
+    steps_per_call = args.steps_per_call or flax_setup.default_steps_per_call()
     results = {"batch_size": config.batch_size, "steps_per_call": steps_per_call,
                "machine": machine()}
     rounds = max(1, args.steps // steps_per_call)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from flax_impl.data import SOURCES
@@ -39,6 +40,13 @@ class Config:
     train_examples: int | None = None  # use only the first N training images (smoke tests)
     eval_batch_size: int = 1000
 
+    def training_images(self, available: int) -> int:
+        """How many of the `available` training images the run uses (ConfigError if too few)."""
+        if self.train_examples and self.train_examples > available:
+            raise ConfigError(f"--train-examples {self.train_examples} is more than the "
+                              f"{available} training images")
+        return self.train_examples or available
+
     def steps_per_epoch(self, num_train: int) -> int:
         """Full batches per epoch; the last partial batch is dropped."""
         return num_train // self.batch_size
@@ -61,8 +69,14 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
     if config.train_examples is not None and config.train_examples <= 0:
         raise ConfigError(f"--train-examples must be > 0, got {config.train_examples}")
+    for name in ("lr", "weight_decay", "dropout", "max_rotation"):  # NaN passes every comparison
+        if not math.isfinite(getattr(config, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got "
+                              f"{getattr(config, name)}")
     if config.lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {config.lr}")
+    if config.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not 0 <= config.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.max_rotation < 0:

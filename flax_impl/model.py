@@ -1,23 +1,30 @@
 """The networks in Flax linen: `Net` (ours, < 20k parameters) and `SeedNet` (the seed README's).
 
 Mirrors `torch_ref/model.py` layer for layer and name for name. Input: float32 NHWC (B, 28, 28, 1),
-normalised with `flax_impl.data.normalize`. Output: (B, 10) log-probabilities.
+`to_inputs(uint8 images)`. Output: (B, 10) log-probabilities.
 
-Usage: ``variables = Net().init(rngs, x, train=False)`` gives ``{"params", "batch_stats"}``;
-``Net().apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])`` trains.
+Usage: ``model = create_model("net")``; ``variables = model.init(key, x, train=False)`` gives
+``{"params", "batch_stats"}``; ``model.apply(variables, x, train=True, rngs={"dropout": key},
+mutable=["batch_stats"])`` trains. The convolution and max-pool are fields (`conv`, `max_pool`):
+plain `nn.Conv` and `nn.max_pool` by default, `flax_impl.fast`'s CPU kernels by construction
+(`create_model(..., kernels="fast")`, see `flax_impl.kernels`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_impl.conv import conv_general_dilated
-from flax_impl.pool import max_pool
+from flax_impl.data import normalize
+from flax_impl.kernels import Kernels, get_kernels
+
+ModuleDef = Any
 
 # PyTorch's default initialisation (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)), so both
 # frameworks start from the same distribution.
@@ -31,14 +38,22 @@ def torch_default_bias_init(fan_in: int) -> Callable:
                                                                     bound)
 
 
-def Conv(features: int, in_features: int, padding: str | int = "VALID", use_bias: bool = True,
-         name: str | None = None) -> nn.Conv:
-    """A 3x3 stride-1 `nn.Conv` with torch's initialisation and our fast-backward convolution."""
-    padding = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-    return nn.Conv(features, (3, 3), padding=padding, use_bias=use_bias,
-                   kernel_init=torch_default_init,
-                   bias_init=torch_default_bias_init(9 * in_features),
-                   conv_general_dilated=conv_general_dilated, name=name)
+def to_inputs(images: jax.Array, augment: Callable | None = None) -> jax.Array:
+    """uint8 (B, 28, 28) -> the model's input, float32 (B, 28, 28, 1) normalised.
+
+    `augment`, if given, transforms the [0, 1] pixels before normalisation (so that what a
+    rotation brings in from outside the image is black).
+    """
+    pixels = images[..., None].astype(jnp.float32) / 255.0
+    return normalize(augment(pixels) if augment else pixels)
+
+
+def conv3x3(conv: ModuleDef, features: int, in_features: int, padding: int = 0,
+            use_bias: bool = True, name: str | None = None) -> nn.Module:
+    """A 3x3 stride-1 `conv` (an `nn.Conv` or a drop-in) with torch's initialisation."""
+    return conv(features, (3, 3), padding=((padding, padding), (padding, padding)),
+                use_bias=use_bias, kernel_init=torch_default_init,
+                bias_init=torch_default_bias_init(9 * in_features), name=name)
 
 
 class BatchNorm(nn.Module):
@@ -79,10 +94,11 @@ class ConvBlock(nn.Module):
     in_features: int
     features: int
     dropout: float
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv(self.features, self.in_features, use_bias=False, name="conv")(x)
+        x = conv3x3(self.conv, self.features, self.in_features, use_bias=False, name="conv")(x)
         x = nn.relu(BatchNorm(name="bn")(x, train))
         # Dropping whole channels (torch's Dropout2d) draws B*C random numbers instead of B*H*W*C:
         # random bits are slow on XLA:CPU.
@@ -97,16 +113,19 @@ class Net(nn.Module):
     """
 
     dropout: float = 0.05
+    conv: ModuleDef = nn.Conv
+    max_pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = ConvBlock(1, 10, self.dropout, name="block1")(x, train)
-        x = ConvBlock(10, 16, self.dropout, name="block2")(x, train)
-        x = max_pool(x, (2, 2), strides=(2, 2))
-        x = ConvBlock(16, 16, self.dropout, name="block3")(x, train)
-        x = ConvBlock(16, 16, self.dropout, name="block4")(x, train)
-        x = ConvBlock(16, 24, self.dropout, name="block5")(x, train)
-        x = ConvBlock(24, 32, 0.0, name="block6")(x, train)
+        block = functools.partial(ConvBlock, conv=self.conv)
+        x = block(1, 10, self.dropout, name="block1")(x, train)
+        x = block(10, 16, self.dropout, name="block2")(x, train)
+        x = self.max_pool(x, (2, 2), strides=(2, 2))
+        x = block(16, 16, self.dropout, name="block3")(x, train)
+        x = block(16, 16, self.dropout, name="block4")(x, train)
+        x = block(16, 24, self.dropout, name="block5")(x, train)
+        x = block(24, 32, 0.0, name="block6")(x, train)
         x = x.mean(axis=(1, 2))
         x = nn.Dense(10, kernel_init=torch_default_init, bias_init=torch_default_bias_init(32),
                      name="head")(x)
@@ -120,21 +139,39 @@ class SeedNet(nn.Module):
     (no padding: 7 -> 5 -> 3), 10 (3 -> 1); ReLU after each conv but the last; log-softmax.
     """
 
+    conv: ModuleDef = nn.Conv
+    max_pool: Callable = nn.max_pool
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout or BatchNorm
-        x = nn.relu(Conv(32, 1, padding=1, name="conv1")(x))
-        x = nn.relu(Conv(64, 32, padding=1, name="conv2")(x))
-        x = max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(Conv(128, 64, padding=1, name="conv3")(x))
-        x = nn.relu(Conv(256, 128, padding=1, name="conv4")(x))
-        x = max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(Conv(512, 256, name="conv5")(x))
-        x = nn.relu(Conv(1024, 512, name="conv6")(x))
-        x = Conv(10, 1024, name="conv7")(x)
+        conv = functools.partial(conv3x3, self.conv)
+        x = nn.relu(conv(32, 1, padding=1, name="conv1")(x))
+        x = nn.relu(conv(64, 32, padding=1, name="conv2")(x))
+        x = self.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(conv(128, 64, padding=1, name="conv3")(x))
+        x = nn.relu(conv(256, 128, padding=1, name="conv4")(x))
+        x = self.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(conv(512, 256, name="conv5")(x))
+        x = nn.relu(conv(1024, 512, name="conv6")(x))
+        x = conv(10, 1024, name="conv7")(x)
         return nn.log_softmax(x.reshape(x.shape[0], -1))
 
 
-def create_model(name: str, dropout: float = 0.05) -> nn.Module:
-    """A model by name ("net" or "seednet")."""
-    return Net(dropout) if name == "net" else SeedNet()
+# name -> (dropout, conv, max_pool) -> model; SeedNet has no dropout.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "net": Net,
+    "seednet": lambda dropout, **layers: SeedNet(**layers),
+}
+
+
+def create_model(name: str, dropout: float = 0.05, kernels: str | Kernels = "auto") -> nn.Module:
+    """A model by name (a key of MODELS) with the convolution and pooling of `kernels`.
+
+    kernels: "stock" (plain `nn.Conv`, `nn.max_pool`), "fast" (`flax_impl.fast`'s CPU kernels),
+    "auto" (fast on CPU, stock elsewhere) or a `flax_impl.kernels.Kernels`.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    chosen = get_kernels(kernels)
+    return MODELS[name](dropout=dropout, conv=chosen.conv, max_pool=chosen.max_pool)

@@ -16,28 +16,43 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from flax_impl.data import normalize
-from flax_impl.model import create_model
-from flax_impl.reporting import WorkdirError
-from flax_impl.train import load_config, restore_variables
+from flax_impl.model import create_model, to_inputs
+from flax_impl.reporting import WorkdirError, load_config, workdir_record
+from flax_impl.train import restore_variables
 
 
 class ImageError(ValueError):
     """An image that cannot be classified, described in one line."""
 
 
+def trained_variables(workdir: str | Path) -> dict:
+    """The Flax variables of a Flax workdir, or of a torch one through the weight conversion."""
+    if workdir_record(workdir)["framework"] == "flax":
+        return restore_variables(workdir)
+    from compare.convert import ConversionError, torch_to_flax
+    from torch_ref.train import restore_state_dict
+
+    try:
+        return torch_to_flax(restore_state_dict(workdir), load_config(workdir).model)
+    except ConversionError as error:
+        raise WorkdirError(f"{workdir}: the torch weights do not fit the model ({error})") from None
+
+
 def load_trained(workdir: str | Path):
-    """(jitted log-probability function of uint8 (B, 28, 28) images, config) of a workdir."""
+    """(jitted log-probability function of uint8 (B, 28, 28) images, config) of a workdir.
+
+    A torch_ref.train workdir works too: its weights are converted to Flax.
+    """
     if not Path(workdir).is_dir():
         raise WorkdirError(f"--workdir {workdir}: no such directory; train with "
                            f"`python -m flax_impl.train --workdir {workdir}` first")
     config = load_config(workdir)
-    variables = restore_variables(workdir)
+    variables = trained_variables(workdir)
     model = create_model(config.model, config.dropout)
 
     @jax.jit
     def log_probs(images):
-        return model.apply(variables, normalize(images[..., None].astype(jnp.float32) / 255.0))
+        return model.apply(variables, to_inputs(images))
 
     return log_probs, config
 

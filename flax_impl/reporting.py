@@ -1,18 +1,24 @@
-"""What both training commands print and write: the seed's log lines, the workdir's files.
+"""The bookkeeping both training commands share: log lines, epoch records, workdir files, exits.
 
-Imports neither jax nor torch, so `flax_impl.train` and `torch_ref.train` share it.
+Imports neither jax nor torch, so `flax_impl.train` and `torch_ref.train` share it; their loops
+differ only in framework code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from flax_impl.config import Config
+from flax_impl.config import Config, ConfigError
+from flax_impl.data import DataError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -23,13 +29,45 @@ class WorkdirError(RuntimeError):
     """A workdir that cannot be used as asked, described in one line."""
 
 
-def epoch_bar(epoch: int, epochs: int, steps: int) -> tqdm:
-    """The per-epoch progress bar; `set_postfix_str` it with the running loss."""
-    return tqdm(total=steps, desc=f"Epoch {epoch}/{epochs}", unit="step", leave=True,
-                dynamic_ncols=True, mininterval=0.5)
+class TrainingStopped(RuntimeError):
+    """Training stopped early (divergence or a signal), described in one line."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def test_line(loss: float, correct: int, total: int) -> str:
+def diverged(loss: float, epoch: int, steps: str) -> TrainingStopped:
+    """The error for a NaN/inf training loss (exit status 3)."""
+    return TrainingStopped(f"the training loss became {loss} in epoch {epoch} (steps {steps}); "
+                           f"stopped, the last good checkpoint is kept; try a lower --lr",
+                           exit_code=3)
+
+
+def run_command(body: Callable[[], object]) -> int:
+    """Run a command's body; its one-line errors become a message on stderr and an exit status.
+
+    Bad flags, data or workdirs: 2. TrainingStopped: its own status (3 for a NaN loss, 128 +
+    the signal's number for SIGINT/SIGTERM).
+    """
+    try:
+        body()
+    except (ConfigError, DataError, WorkdirError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingStopped as stopped:
+        print(f"error: {stopped}" if stopped.exit_code == 3 else str(stopped), file=sys.stderr)
+        return stopped.exit_code
+    return 0
+
+
+def epoch_bar(epoch: int, epochs: int, steps: int, done: int = 0) -> tqdm:
+    """The per-epoch progress bar, starting at `done` steps; `set_postfix_str` the running loss."""
+    return tqdm(total=steps, initial=done, desc=f"Epoch {epoch}/{epochs}", unit="step",
+                leave=True, dynamic_ncols=True, mininterval=0.5)
+
+
+def evaluation_line(loss: float, correct: int, total: int) -> str:
     """The seed notebook's line: 'Test set: Average loss: 0.0165, Accuracy: 9945/10000 (99.45%)'."""
     return (f"Test set: Average loss: {loss:.4f}, "
             f"Accuracy: {correct}/{total} ({100.0 * correct / total:.2f}%)")
@@ -59,12 +97,31 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def record_epoch(history: list[dict], epoch: int, train_loss: float, test_loss: float,
+                 correct: int, total: int, seconds: float) -> None:
+    """Print the seed's test-set line and append the epoch's record to `history`."""
+    print(evaluation_line(test_loss, correct, total), flush=True)
+    history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                    "test_accuracy": correct / total, "seconds": seconds})
+
+
+def write_epoch_files(workdir: Path | None, history: list[dict]) -> None:
+    """Rewrite `workdir`'s metrics.jsonl and curves.png from `history` (nothing without one)."""
+    if workdir:
+        write_metrics(workdir, history)
+        write_curves(workdir, history)
+
+
 def prepare_workdir(workdir: Path, config: Config, framework: str, resume: bool,
-                    overwrite: bool) -> list[dict]:
+                    overwrite: bool, checkpoint: str) -> list[dict]:
     """Create `workdir` for `config`; return the metrics of the epochs already done.
 
     A workdir holding another run is refused unless `resume` (same config only) or `overwrite`.
+    A fresh run removes `workdir/checkpoint` (a file or directory): no checkpoint of an earlier
+    run may survive into it.
     """
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file; name a directory")
     record = {"framework": framework, **json.loads(config.to_json())}
     config_path = workdir / CONFIG_FILE
     metrics_path = workdir / METRICS_FILE
@@ -88,8 +145,34 @@ def prepare_workdir(workdir: Path, config: Config, framework: str, resume: bool,
         return read_metrics(metrics_path)
     workdir.mkdir(parents=True, exist_ok=True)
     metrics_path.unlink(missing_ok=True)
+    stale = workdir / checkpoint
+    if stale.is_dir():
+        shutil.rmtree(stale)
+    else:
+        stale.unlink(missing_ok=True)
     atomic_write_text(config_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return []
+
+
+def workdir_record(workdir: str | Path) -> dict:
+    """A training workdir's config.json: the Config's fields and "framework" ("flax"/"torch")."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise WorkdirError(f"{workdir} is not a training workdir (no {CONFIG_FILE}); train "
+                           f"with --workdir first")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict) or record.get("framework") not in ("flax", "torch"):
+        raise WorkdirError(f"{path} is not a training config; train with --workdir again")
+    return record
+
+
+def load_config(workdir: str | Path) -> Config:
+    """The Config recorded in a training workdir's config.json."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in workdir_record(workdir).items() if k in fields})
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -57,10 +57,10 @@ def crash_in_epoch(monkeypatch, train_module, epoch: int) -> None:
     """Make `train_module.train` die with KeyboardInterrupt as `epoch` starts (a crash)."""
     real_bar = train_module.epoch_bar
 
-    def bar(current, epochs, steps):
+    def bar(current, epochs, steps, done=0):
         if current == epoch:
             raise KeyboardInterrupt
-        return real_bar(current, epochs, steps)
+        return real_bar(current, epochs, steps, done)
 
     monkeypatch.setattr(train_module, "epoch_bar", bar)
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from compare import accuracy, layers, params, speed
+from tests.conftest import synthetic_mnist
 
 
 def test_params_table_matches_and_net_is_under_20k(capsys):
@@ -88,26 +89,26 @@ def test_flop_count_agrees_with_torchs_flop_counter():
     assert speed.train_flops_per_image() == counter.get_total_flops() / 4
 
 
-def test_each_undone_speedup_changes_the_compiled_step():
-    """The ablation's patches must reach the traced step (else it times the default twice)."""
-    import jax
-    import jax.numpy as jnp
+def test_each_ablation_variant_compiles_to_another_step():
+    """Each variant must change the compiled step (else the ablation times the default twice)."""
 
-    from flax_impl import train as flax_train
+    from flax_impl import setup
     from flax_impl.config import Config
+    from flax_impl.kernels import FAST
 
-    def lowered_step() -> str:
-        model, tx, state, key = flax_train.build(Config(), 10)
-        step = flax_train.make_train_step(model, tx, Config())
-        batch = (jnp.zeros((128, 28, 28), jnp.uint8), jnp.zeros((128,), jnp.int32))
-        return jax.jit(step).lower(state, batch, key).as_text()
+    data = synthetic_mnist(256, 10)
 
-    default = lowered_step()
-    assert lowered_step() == default
-    for name, patch in speed.undone_speedups().items():
-        with speed.patched(*patch):
-            assert lowered_step() != default, name
-    assert lowered_step() == default  # and each patch is undone afterwards
+    def lowered_step(kernels) -> str:
+        run = setup.setup_training(Config(), data, kernels=kernels)
+        plan = run.plan(1)
+        return run.train_chunk.lower(run.state, *run.train_data, plan[0][:2], plan[1][:2]).as_text()
+
+    default = lowered_step(FAST)
+    assert lowered_step(FAST) == default
+    variants = {name: lowered_step(kernels) for name, kernels in speed.ablation_variants().items()}
+    for name, text in variants.items():
+        assert text != default, name
+    assert len(set(variants.values())) == len(variants)
 
 
 def test_layers_are_nets_convolutions_in_order():

@@ -13,6 +13,7 @@ import pytest
 
 from flax_impl import train as flax_train
 from flax_impl.reporting import read_metrics
+from torch_ref import train as torch_train
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -23,9 +24,11 @@ def command(source: str, workdir: Path, *extra: str) -> list[str]:
             "--batch-size", "32", "--steps-per-call", "2", "--workdir", str(workdir), *extra]
 
 
-def start_and_stop(source: str, workdir: Path, signum: int) -> subprocess.CompletedProcess:
-    """Start a run, send `signum` once an epoch has finished and the next is under way."""
-    process = subprocess.Popen(command(source, workdir), cwd=ROOT, stdout=subprocess.PIPE,
+def start_and_stop(source: str, workdir: Path, signum: int, argv: list[str] | None = None
+                   ) -> subprocess.CompletedProcess:
+    """Start a run (`argv`, default the Flax `command`), send `signum` once two epochs have
+    finished and the next is under way."""
+    process = subprocess.Popen(argv or command(source, workdir), cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(read_metrics(workdir / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
@@ -118,6 +121,8 @@ def test_workdir_of_another_run_is_refused_without_resume_or_overwrite(tiny_idx_
 
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "0"], "--epochs must be > 0"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--batch-size", "1024"], "--batch-size 1024 is larger than the 512 training images"),
     (["--data-source", "nowhere"], "unknown data source 'nowhere'"),
@@ -134,3 +139,63 @@ def test_unknown_model_is_refused_by_the_parser(capsys):
         flax_train.main(["--model", "resnet"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'resnet'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("train_module", [flax_train, torch_train])
+def test_a_workdir_that_is_a_file_is_one_line_error(tiny_idx_source, tmp_path, capsys,
+                                                    train_module):
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    assert train_module.main(["--data-source", tiny_idx_source, "--workdir", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --workdir {path} is a file; name a directory"
+
+
+@pytest.mark.parametrize("train_module", [flax_train, torch_train])
+def test_resume_with_nothing_to_resume_says_so_and_starts_fresh(tiny_idx_source, tmp_path, capsys,
+                                                                train_module):
+    args = ["--data-source", tiny_idx_source, "--epochs", "1", "--batch-size", "64",
+            "--workdir", str(tmp_path / "new"), "--resume"]
+    assert train_module.main(args) == 0
+    out = capsys.readouterr().out
+    assert "--resume: no checkpoint" in out and "starting a fresh run" in out
+    assert len(read_metrics(tmp_path / "new" / "metrics.jsonl")) == 1
+
+
+def torch_command(source: str, workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch_ref.train", "--data-source", source, "--epochs", "6",
+            "--batch-size", "32", "--workdir", str(workdir), *extra]
+
+
+def test_torch_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_idx_source, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(torch_command(tiny_idx_source, straight), cwd=ROOT, check=True,
+                   capture_output=True)
+    killed = start_and_stop(tiny_idx_source, tmp_path / "killed", signal.SIGKILL,
+                            torch_command(tiny_idx_source, tmp_path / "killed"))
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run(torch_command(tiny_idx_source, tmp_path / "killed", "--resume"),
+                             cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resumed from" in resumed.stdout
+    assert_same_end(read_metrics(tmp_path / "killed" / "metrics.jsonl"),
+                    read_metrics(straight / "metrics.jsonl"))
+
+
+class Payload:
+    """Not a tensor, dict or number: `weights_only=True` refuses to unpickle it."""
+
+
+def test_a_torch_checkpoint_that_would_run_code_is_refused(tiny_idx_source, tmp_path, capsys):
+    import torch
+
+    args = ["--data-source", tiny_idx_source, "--epochs", "2", "--batch-size", "64",
+            "--workdir", str(tmp_path)]
+    assert torch_train.main(args) == 0
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**checkpoint, "payload": Payload()}, tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    assert torch_train.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: checkpoint ") and "is corrupt or not this run's" in err
+    assert len(err.splitlines()) == 1

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_impl import core, setup
 from flax_impl import train as flax_train
 from flax_impl.config import Config
 from flax_impl.reporting import read_metrics
@@ -27,11 +28,13 @@ def short_config(source: str, **overrides) -> Config:
 
 
 def test_jitted_train_step_lowers_the_loss_on_a_fixed_batch():
-    config = Config(max_rotation=0.0, dropout=0.0, epochs=1)
-    model, tx, state, _ = flax_train.build(config, steps=15)  # one short one-cycle
-    data = synthetic_mnist(64, 1)
-    batch = (jnp.asarray(data.train_images), jnp.asarray(data.train_labels))
-    step = jax.jit(flax_train.make_train_step(model, tx, config))
+    config = Config(max_rotation=0.0, dropout=0.0, epochs=1, train_examples=15 * 64,
+                    batch_size=64)
+    data = synthetic_mnist(15 * 64, 1)
+    run = setup.setup_training(config, data)  # one short one-cycle of 15 steps
+    state = run.state
+    batch = (jnp.asarray(data.train_images[:64]), jnp.asarray(data.train_labels[:64]))
+    step = jax.jit(run.train_step)
     losses = []
     for i in range(15):
         state, metrics = step(state, batch, jax.random.key(i))
@@ -42,7 +45,7 @@ def test_jitted_train_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_schedule_warms_up_to_the_peak_then_decays_to_the_floor():
     config = Config(lr=0.1)
-    schedule = flax_train.onecycle_schedule(config, total_steps=100)
+    schedule = core.onecycle_schedule(config, total_steps=100)
     lrs = np.array([schedule(i) for i in range(100)])
     assert lrs[0] == pytest.approx(0.1 / 25)
     assert lrs.argmax() == 29 and lrs.max() == pytest.approx(0.1)
@@ -92,19 +95,19 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, 
 TWO_DEVICE_SCRIPT = """
 import json, sys, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from flax_impl import train
+from flax_impl import setup, train
 from flax_impl.config import Config
-from tests.conftest import crash_in_epoch, synthetic_mnist
+from tests.conftest import synthetic_mnist
 assert len(jax.devices()) == 2
 config = Config(data_source=sys.argv[1], epochs=2, batch_size=64, eval_batch_size=100)
 
-model, tx, state, _ = train.build(config, steps=4)
-step = jax.jit(train.make_train_step(model, tx, config))
-data = synthetic_mnist(64, 1)
+data = synthetic_mnist(256, 100)
 def one_step(devices):
+    run = setup.setup_training(config, data, devices=devices)
     mesh = Mesh(np.array(devices), ("data",))
-    batch = jax.device_put((data.train_images, data.train_labels), NamedSharding(mesh, P("data")))
-    new, metrics = step(jax.device_put(state, NamedSharding(mesh, P())), batch, jax.random.key(0))
+    batch = jax.device_put((data.train_images[:64], data.train_labels[:64]),
+                           NamedSharding(mesh, P("data")))
+    new, metrics = jax.jit(run.train_step)(run.state, batch, jax.random.key(0))
     return float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(new)]
 (loss1, leaves1), (loss2, leaves2) = one_step(jax.devices()[:1]), one_step(jax.devices())
 step = {"loss": abs(loss1 - loss2),

@@ -122,3 +122,28 @@ def test_evaluate_reports_accuracy_and_draws_the_pictures(trained_workdir, real_
 def test_confusion_matrix_counts_true_by_predicted():
     counts = evaluate.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
     np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
+
+
+@pytest.mark.realdata
+def test_a_torch_workdir_is_evaluated_through_the_weight_conversion(real_mnist, tmp_path,
+                                                                    capsys):
+    import torch
+
+    from torch_ref import train as torch_train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MNIST20K_CACHE", raising=False)
+        history = torch_train.train(Config(epochs=1, train_examples=6_400), tmp_path)
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    correct = int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
+    assert correct == round(history[-1]["test_accuracy"] * 10_000)  # as torch scored it
+    # Without model.pt (an unfinished run) the latest checkpoint's weights are used.
+    (tmp_path / "model.pt").unlink()
+    assert evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    assert f"Test accuracy: {correct}/10000" in capsys.readouterr().out
+    torch.save({"not": "a checkpoint"}, tmp_path / "checkpoint.pt")
+    assert evaluate.main(["--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint.pt is corrupt or not a torch_ref.train file" in err
+    assert len(err.splitlines()) == 1

@@ -12,6 +12,7 @@ from compare.params import parameter_table
 from flax_impl.config import Config
 from flax_impl.reporting import read_metrics
 from tests.conftest import crash_in_epoch, synthetic_mnist
+from torch_ref import core as torch_core
 from torch_ref import train as torch_train
 from torch_ref.augment import rotate
 from torch_ref.model import Net, SeedNet
@@ -36,12 +37,12 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     config = Config(max_rotation=0.0, dropout=0.0, epochs=1)
     model = Net(dropout=0.0)
-    optimizer, scheduler = torch_train.create_optimizer(model, config, total_steps=15)
+    optimizer, scheduler = torch_core.create_optimizer(model, config, total_steps=15)
     data = synthetic_mnist(64, 1)
     images, labels = torch.from_numpy(data.train_images), torch.from_numpy(data.train_labels).long()
     generator = torch.Generator().manual_seed(0)
-    losses = [torch_train.train_step(model, optimizer, scheduler, images, labels, config,
-                                     generator).item() for _ in range(15)]
+    losses = [torch_core.train_step(model, optimizer, scheduler, images, labels, config,
+                                    generator).item() for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -89,3 +90,21 @@ def test_rotation_by_a_small_angle_moves_a_point_where_geometry_says():
     # (bilinear resampling of a single pixel moves its centre of mass by a few hundredths)
     np.testing.assert_allclose([float(c) for c in centre], expected, atol=0.15)
     torch.testing.assert_close(rotate(image, torch.tensor([0.0])), image, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_one_line_error(tiny_idx_source, capsys):
+    assert torch_train.main(["--data-source", tiny_idx_source, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --device cuda: torch sees no CUDA device here; use --device cpu"
+
+
+def test_auto_device_is_the_cpu_here_and_the_run_lives_on_it(tiny_idx_source, capsys):
+    from flax_impl.data import load_mnist
+    from torch_ref.setup import setup_training
+
+    run = setup_training(Config(data_source=tiny_idx_source), load_mnist(tiny_idx_source))
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert run.device.type == expected
+    assert {t.device.type for t in (*run.train_data, *run.test_data)} == {expected}
+    assert {p.device.type for p in run.model.parameters()} == {expected}

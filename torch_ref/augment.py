@@ -26,8 +26,11 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 
 def random_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator
                   ) -> torch.Tensor:
-    """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees]."""
+    """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees].
+
+    The angles come from `generator` (a CPU one: the same angles on every device).
+    """
     if max_degrees == 0:
         return images
-    degrees = (torch.rand(len(images), generator=generator) * 2 - 1) * max_degrees
+    degrees = (torch.rand(len(images), generator=generator) * 2 - 1).to(images.device) * max_degrees
     return rotate(images, degrees)

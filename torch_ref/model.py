@@ -1,14 +1,29 @@
 """The networks in PyTorch: `Net` (ours, < 20k parameters) and `SeedNet` (the seed README's).
 
 Mirrors `flax_impl/model.py` layer for layer and name for name. Input: float32 NCHW (B, 1, 28, 28),
-normalised with `flax_impl.data.normalize`. Output: (B, 10) log-probabilities.
+`to_inputs(uint8 images)`. Output: (B, 10) log-probabilities.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flax_impl.data import normalize
+
+
+def to_inputs(images: torch.Tensor, augment: Callable | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 28, 28) -> the model's input, (B, 1, 28, 28) of `dtype`, normalised.
+
+    `augment`, if given, transforms the [0, 1] pixels before normalisation (so that what a
+    rotation brings in from outside the image is black).
+    """
+    pixels = images.unsqueeze(1).to(dtype) / 255.0
+    return normalize(augment(pixels) if augment else pixels)
 
 
 class ConvBlock(nn.Module):
@@ -72,9 +87,15 @@ class SeedNet(nn.Module):
         return F.log_softmax(x.flatten(1), dim=1)
 
 
-MODELS = {"net": Net, "seednet": SeedNet}
+# name -> (dropout) -> model; SeedNet has no dropout.
+MODELS: dict[str, Callable[[float], nn.Module]] = {
+    "net": Net,
+    "seednet": lambda dropout: SeedNet(),
+}
 
 
 def create_model(name: str, dropout: float = 0.05) -> nn.Module:
-    """A fresh model by name ("net" or "seednet")."""
-    return Net(dropout) if name == "net" else MODELS[name]()
+    """A fresh model by name (a key of MODELS)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](dropout)

@@ -1,140 +1,147 @@
 """Train the PyTorch reference: `python -m torch_ref.train` (see --help).
 
-The same recipe as `flax_impl.train` (flax_impl/config.py): SGD with Nesterov momentum and weight
-decay, torch's OneCycleLR, random rotation, NLL loss on log-probabilities. Data stays in memory
-as tensors; each epoch is a random permutation split into full batches.
+The run layer around `torch_ref.core` (set up by `torch_ref.setup`), mirroring
+`flax_impl.train`: one loop over steps with periodic actions (progress bar, evaluation,
+checkpoint), the workdir and the command line.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from flax_impl.config import Config, ConfigError, build_parser, config_from_args
-from flax_impl.data import DataError, load_mnist, normalize
+from flax_impl.config import Config, build_parser, config_from_args
+from flax_impl.data import load_mnist
 from flax_impl.reporting import (
     WorkdirError,
+    diverged,
     epoch_bar,
     prepare_workdir,
+    record_epoch,
+    run_command,
     summary_line,
-    test_line,
-    write_curves,
-    write_metrics,
+    write_epoch_files,
 )
-from torch_ref.augment import random_rotate
-from torch_ref.model import create_model
+from torch_ref.setup import DEVICES, Setup, setup_training
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
+BAR_EVERY = 20  # steps between progress-bar loss updates (each one a host sync)
 
 
-def to_inputs(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 28, 28) -> normalised float32 (B, 1, 28, 28)."""
-    return normalize(images_uint8.unsqueeze(1).float() / 255.0)
+def atomic_save(obj, path: Path) -> None:
+    """`torch.save` through a temporary file and a rename: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
-def create_optimizer(model: torch.nn.Module, config: Config, total_steps: int):
-    """SGD (Nesterov, L2 weight decay on every parameter) and the one-cycle schedule."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=True, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup_fraction,
-        anneal_strategy="cos", cycle_momentum=False, div_factor=config.div_factor,
-        final_div_factor=config.final_div_factor)
-    return optimizer, scheduler
+def save_checkpoint(path: Path, run: Setup, history: list[dict]) -> None:
+    """Everything a resumed run needs after an epoch: weights, optimizer, schedule, generators."""
+    atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "generator": run.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "history": history,
+                 **({"cuda_rng": torch.cuda.get_rng_state(run.device)}
+                    if run.device.type == "cuda" else {})}, path)
 
 
-def train_step(model, optimizer, scheduler, images, labels, config: Config,
-               generator: torch.Generator) -> torch.Tensor:
-    """One step on a uint8 batch: rotate, normalise, forward, backward, update. Returns the loss."""
-    pixels = images.unsqueeze(1).to(next(model.parameters()).dtype) / 255.0
-    inputs = normalize(random_rotate(pixels, config.max_rotation, generator))
-    loss = F.nll_loss(model(inputs), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return loss.detach()
+def restore_checkpoint(path: Path, run: Setup) -> list[dict] | None:
+    """Load `path` into `run` (None if there is none); the finished epochs' records.
+
+    `weights_only=True`: a checkpoint from elsewhere cannot run code.
+    """
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
+        if run.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], run.device)
+    except Exception as error:  # torch raises many kinds for damaged or foreign files
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise WorkdirError(f"checkpoint {path} is corrupt or not this run's ({reason}); delete "
+                           f"it or --overwrite") from None
+    return state["history"]
 
 
-@torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int
-             ) -> tuple[float, int]:
-    """Mean NLL loss and number of correct predictions on a uint8 image set."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(images), batch_size):
-        log_probs = model(to_inputs(images[start:start + batch_size]))
-        target = labels[start:start + batch_size]
-        loss_sum += F.nll_loss(log_probs, target, reduction="sum").item()
-        correct += (log_probs.argmax(1) == target).sum().item()
-    return loss_sum / len(images), correct
+def restore_state_dict(workdir: str | Path) -> dict:
+    """The model weights of a training workdir: its final model.pt, else its latest checkpoint's."""
+    final, checkpoint = Path(workdir) / MODEL_FILE, Path(workdir) / CHECKPOINT_FILE
+    if not final.exists() and not checkpoint.exists():
+        raise WorkdirError(f"no {MODEL_FILE} or {CHECKPOINT_FILE} in {workdir}")
+    path = final if final.exists() else checkpoint
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved if path == final else saved["model"]
+    except Exception as error:  # torch raises many kinds for damaged or foreign files
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise WorkdirError(f"{path} is corrupt or not a torch_ref.train file ({reason})") from None
+
+
+def resume_point(run: Setup, path: Path | None) -> list[dict]:
+    """The finished epochs' records of the checkpoint at `path` (loaded into `run`), or []."""
+    history = restore_checkpoint(path, run) if path else None
+    if history is None:
+        print(f"--resume: no checkpoint at {path}; starting a fresh run")
+        return []
+    print(f"Resumed from {path} after epoch {len(history)}")
+    return history
 
 
 def train(config: Config, workdir: Path | None = None, resume: bool = False,
-          overwrite: bool = False) -> list[dict]:
-    """Train `config`; print the seed-style log; return the per-epoch metrics."""
-    history = prepare_workdir(workdir, config, "torch", resume, overwrite) if workdir else []
-    data = load_mnist(config.data_source)
-    count = config.train_examples or len(data.train_images)
-    train_images = torch.from_numpy(data.train_images[:count])
-    train_labels = torch.from_numpy(data.train_labels[:count]).long()
-    test_images = torch.from_numpy(data.test_images)
-    test_labels = torch.from_numpy(data.test_labels).long()
-    steps = config.steps_per_epoch(len(train_images))
-    if steps == 0:
-        raise ConfigError(f"--batch-size {config.batch_size} is larger than the "
-                          f"{len(train_images)} training images")
+          overwrite: bool = False, device: str = "auto") -> list[dict]:
+    """Train `config` on `device`; print the seed-style log; return the per-epoch metrics.
 
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    model = create_model(config.model, config.dropout)
-    optimizer, scheduler = create_optimizer(model, config, config.epochs * steps)
-    checkpoint = workdir / CHECKPOINT_FILE if workdir else None
-    if checkpoint and not resume:  # a fresh run: no checkpoint of an earlier one may survive
-        checkpoint.unlink(missing_ok=True)
-    if resume and checkpoint and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
-        history = history[:state["epoch"]]
-        print(f"Resumed from {checkpoint} after epoch {state['epoch']}")
-
-    for epoch in range(len(history) + 1, config.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(train_images), generator=generator)
-        loss_sum = torch.zeros(())
-        with epoch_bar(epoch, config.epochs, steps) as bar:
-            for step in range(steps):
-                index = order[step * config.batch_size:(step + 1) * config.batch_size]
-                loss = train_step(model, optimizer, scheduler, train_images[index],
-                                  train_labels[index], config, generator)
-                loss_sum += loss
-                bar.update()
-                if step % 20 == 0 or step == steps - 1:
-                    bar.set_postfix_str(f"loss={loss_sum.item() / (step + 1):.4f}")
-        test_loss, correct = evaluate(model, test_images, test_labels, config.eval_batch_size)
-        print(test_line(test_loss, correct, len(test_images)), flush=True)
-        history.append({"epoch": epoch, "train_loss": loss_sum.item() / steps,
-                        "test_loss": test_loss, "test_accuracy": correct / len(test_images),
-                        "seconds": time.perf_counter() - start})
-        if workdir:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(), "epoch": epoch}, checkpoint)
-            write_metrics(workdir, history)
-            write_curves(workdir, history)
+    With a workdir, a checkpoint is saved after every epoch and the final weights in model.pt;
+    `resume` continues after the last finished epoch. A NaN/inf loss raises TrainingStopped.
+    """
     if workdir:
-        torch.save(model.state_dict(), workdir / MODEL_FILE)
+        prepare_workdir(workdir, config, "torch", resume, overwrite, CHECKPOINT_FILE)
+    run = setup_training(config, load_mnist(config.data_source), device)
+    print(f"PyTorch on {run.device}")
+    steps, checkpoint = run.steps_per_epoch, workdir / CHECKPOINT_FILE if workdir else None
+    history = resume_point(run, checkpoint) if resume else []
+    bar = None
+    try:
+        for global_step in range(len(history) * steps, config.epochs * steps):
+            epoch, step = global_step // steps + 1, global_step % steps
+            if step == 0:  # an epoch starts
+                order, started, loss_sum = run.plan(), time.perf_counter(), torch.zeros(())
+                bar = epoch_bar(epoch, config.epochs, steps)
+            loss_sum += run.run_step(order, step)
+            bar.update()
+            if step % BAR_EVERY == 0 or step == steps - 1:  # a host sync
+                if not math.isfinite(loss_sum.item()):
+                    raise diverged(loss_sum.item(), epoch, f"1-{step + 1}")
+                bar.set_postfix_str(f"loss={loss_sum.item() / (step + 1):.4f}")
+            if step == steps - 1:  # the epoch is done: evaluate, record, checkpoint
+                bar = bar.close()  # None
+                record_epoch(history, epoch, loss_sum.item() / steps, *run.test(),
+                             len(run.test_data[1]), time.perf_counter() - started)
+                if checkpoint:
+                    save_checkpoint(checkpoint, run, history)
+                write_epoch_files(workdir, history)
+    finally:
+        if bar is not None:
+            bar.close()
+    if workdir:
+        atomic_save(run.model.state_dict(), workdir / MODEL_FILE)
     print(summary_line(history))
     return history
 
@@ -142,15 +149,12 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = build_parser("python -m torch_ref.train", __doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto: CUDA where torch sees a GPU, else the CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = config_from_args(args)
-        train(config, args.workdir, args.resume, args.overwrite)
-    except (ConfigError, DataError, WorkdirError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: train(config_from_args(args), args.workdir, args.resume,
+                                     args.overwrite, args.device))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""flax_impl.conv: the fast-backward convolution equals lax.conv_general_dilated."""
+"""flax_impl.fast.conv: the fast-backward convolution equals lax.conv_general_dilated."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from jax import lax
 
-from flax_impl.conv import conv_general_dilated
+from flax_impl.fast.conv import conv_general_dilated
 
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def loss_pair(padding, strides=(1, 1)):
+def loss_pair(padding, strides=(1, 1), **options):
     def reference(x, w):
         return jnp.sum(jnp.sin(lax.conv_general_dilated(x, w, strides, padding,
                                                          dimension_numbers=DN)))
@@ -21,7 +21,7 @@ def loss_pair(padding, strides=(1, 1)):
     def fast(x, w):
         numbers = lax.conv_dimension_numbers(x.shape, w.shape, DN)
         return jnp.sum(jnp.sin(conv_general_dilated(x, w, strides, padding,
-                                                    dimension_numbers=numbers)))
+                                                    dimension_numbers=numbers, **options)))
 
     return reference, fast
 
@@ -30,10 +30,11 @@ def loss_pair(padding, strides=(1, 1)):
     (28, 1, 10, "VALID"), (12, 16, 16, "VALID"), (9, 3, 5, "SAME"), (7, 8, 4, ((1, 1), (1, 1))),
     (8, 4, 6, ((2, 0), (0, 1))),
 ])
-def test_value_and_gradients_equal_lax(size, cin, cout, padding):
+@pytest.mark.parametrize("im2col_channels", [3, 0])  # with and without the first-layer path
+def test_value_and_gradients_equal_lax(size, cin, cout, padding, im2col_channels):
     x = jax.random.normal(jax.random.key(0), (3, size, size, cin))
     w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
-    reference, fast = loss_pair(padding)
+    reference, fast = loss_pair(padding, im2col_channels=im2col_channels)
     np.testing.assert_allclose(fast(x, w), reference(x, w), rtol=1e-5)
     for got, want in zip(jax.grad(fast, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w),
                          strict=True):

@@ -1,8 +1,8 @@
-"""A drop-in `flax.linen.max_pool` for non-overlapping windows, with a fast backward pass.
+"""A drop-in `flax.linen.max_pool` for non-overlapping windows, with a fast backward pass (CPU kernel).
 
 `nn.max_pool` is a `reduce_window`, and its gradient a `select_and_scatter`; XLA:CPU lowers the
-pair to a reduce-window that tracks the arg-max's coordinates and a scatter, about five times
-slower than PyTorch's max-pool (fwd + bwd, 128x24x24x16: 11 ms against 2.3 ms). When the windows
+pair to a reduce-window that tracks the arg-max's coordinates and a scatter, which is slow
+(`python -m compare.speed --ablation` measures it). When the windows
 tile the input (window = strides, no padding, sizes divisible) the pool is a reshape and a max,
 and its gradient an element-wise select:
 

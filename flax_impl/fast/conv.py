@@ -1,17 +1,17 @@
-"""A drop-in `lax.conv_general_dilated` whose gradients are plain matrix products.
+"""A drop-in `lax.conv_general_dilated` whose gradients are plain matrix products (CPU kernel).
 
-XLA:CPU lowers the weight gradient of a small convolution to a slow generic loop, several times
-slower than PyTorch's, and slower still inside a `lax.scan` body (jax-ml/jax#12868). For the
+XLA:CPU lowers the weight gradient of a small convolution to a slow generic loop, slower still
+inside a `lax.scan` body (jax-ml/jax#12868). For the
 convolutions our models use (NHWC/HWIO, stride 1, no dilation, no groups) this module computes:
 
-- forward: the ordinary XLA convolution; for <= 3 input channels (the first layer) one product of
-  the im2col matrix (the 9 shifted inputs side by side) with the kernel, the matrix kept for the
-  backward pass;
+- forward: the ordinary XLA convolution; for at most `im2col_channels` (3) input channels (the
+  first layer) one product of the im2col matrix (the 9 shifted inputs side by side) with the
+  kernel, the matrix kept for the backward pass;
 - input gradient: a full convolution of the output gradient with the flipped kernel (XLA's fast
   forward path);
 - kernel gradient: for each of the 9 taps, shifted input^T @ output gradient, a matrix product
-  (im2col without materialising the patches), in a loop over the taps; for <= 3 input channels
-  one product with the im2col matrix.
+  (im2col without materialising the patches), in a loop over the taps; for the first layer one
+  product with the im2col matrix.
 
 Values and gradients equal `lax.conv_general_dilated`'s to float tolerance (tests/test_conv.py).
 Any other convolution falls back to `lax.conv_general_dilated` unchanged. Plug it into Flax with
@@ -20,12 +20,14 @@ Any other convolution falls back to `lax.conv_general_dilated` unchanged. Plug i
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-FEW_CHANNELS = 3  # an image's channels: up to this many, the first layer's special cases apply
+IM2COL_CHANNELS = 3  # an image's channels: up to this many, the first layer's im2col path applies
 
 
 def _im2col(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -40,10 +42,10 @@ def _output_shape(x: jax.Array, kernel: jax.Array) -> tuple[int, int, int, int]:
     return x.shape[0], x.shape[1] - height + 1, x.shape[2] - width + 1, out_features
 
 
-def _forward(x: jax.Array, kernel: jax.Array):
+def _forward(x: jax.Array, kernel: jax.Array, im2col_channels: int):
     """The convolution, and the im2col matrix when it was built (few input channels) or None."""
     height, width, in_features, out_features = kernel.shape
-    if in_features <= FEW_CHANNELS:
+    if in_features <= im2col_channels:
         # Few input channels (the first layer): XLA's convolution is slow here, and whatever
         # computes `x` (the augmentation) would be fused into it and recomputed per tap and
         # output channel. One product over the materialised im2col matrix is fast, and the
@@ -74,24 +76,25 @@ def _kernel_grad_per_tap(x: jax.Array, flat_grad: jax.Array, height: int, width:
     return lax.fori_loop(0, height * width, add_tap, grad_kernel)
 
 
-@jax.custom_vjp
-def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_valid(x: jax.Array, kernel: jax.Array, im2col_channels: int = IM2COL_CHANNELS
+               ) -> jax.Array:
     """Stride-1 'VALID' convolution of NHWC `x` with an HWIO `kernel`."""
-    return _forward(x, kernel)[0]
+    return _forward(x, kernel, im2col_channels)[0]
 
 
-def _conv_valid_fwd(x, kernel):
-    out, patches = _forward(x, kernel)
+def _conv_valid_fwd(x, kernel, im2col_channels):
+    out, patches = _forward(x, kernel, im2col_channels)
     return out, (x, kernel, patches)
 
 
-def _conv_valid_bwd(residuals, grad_out):
+def _conv_valid_bwd(im2col_channels, residuals, grad_out):
     x, kernel, patches = residuals
     height, width, in_features, out_features = kernel.shape
     flat_grad = grad_out.reshape(-1, out_features)
     if patches is not None:
-        # One (taps * C_in, N) @ (N, C_out) product, N = batch * output pixels: nine products
-        # with C_in = 1 took five times as long.
+        # One (taps * C_in, N) @ (N, C_out) product, N = batch * output pixels, rather than
+        # nine thin products with C_in = 1.
         grad_kernel = patches.T @ flat_grad
     else:
         grad_kernel = _kernel_grad_per_tap(x, flat_grad, height, width)
@@ -119,8 +122,12 @@ def _explicit_padding(padding, kernel_shape) -> tuple[tuple[int, int], ...] | No
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None):
-    """`lax.conv_general_dilated` with a fast backward pass for stride-1 NHWC convolutions."""
+                         precision=None, preferred_element_type=None, *,
+                         im2col_channels: int = IM2COL_CHANNELS):
+    """`lax.conv_general_dilated` with a fast backward pass for stride-1 NHWC convolutions.
+
+    Inputs with at most `im2col_channels` channels take the im2col path (0 turns it off).
+    """
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     explicit = _explicit_padding(padding, rhs.shape[:2]) if lhs.ndim == 4 else None
@@ -136,4 +143,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         batch_group_count, precision, preferred_element_type)
     if any(p for pair in explicit for p in pair):
         lhs = jnp.pad(lhs, ((0, 0), *explicit, (0, 0)))
-    return conv_valid(lhs, rhs)
+    return conv_valid(lhs, rhs, im2col_channels)

@@ -1,0 +1,179 @@
+"""The functional core of the Flax port: state, optimizer, train step, chunked scan, evaluation.
+
+Pure functions over pytrees, everything that runs per step inside `jax.jit`:
+
+- `TrainState`: Flax's `TrainState` plus BatchNorm's running statistics;
+- `onecycle_schedule` and `create_optimizer`: torch's SGD and OneCycleLR, step for step;
+- `make_train_step`: `train_step(state, (images, labels), key) -> (state, metrics)` rotates,
+  normalises, differentiates and updates;
+- `make_train_chunk`: a jitted `lax.scan` of the train step over a chunk of an epoch's batches,
+  gathered on device from the uploaded dataset (fewer dispatches than a loop of jitted steps);
+- `make_evaluate`: summed loss and correct predictions over a set of images;
+- `epoch_plan`: each epoch's batches and step keys, from the run's key and the epoch number.
+
+`flax_impl.setup` builds all of it for one config on the devices; the run layer around it
+(workdir, checkpoints, signals, command line) is `flax_impl.train`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding
+
+from flax_impl.augment import random_rotate, rotate
+from flax_impl.config import Config
+from flax_impl.model import to_inputs
+
+
+class TrainState(train_state.TrainState):
+    """Step, parameters, optimizer state (Flax's TrainState) and BatchNorm statistics."""
+
+    batch_stats: Any
+
+
+def onecycle_schedule(config: Config, total_steps: int) -> optax.Schedule:
+    """torch's OneCycleLR(anneal_strategy="cos", cycle_momentum=False), step for step.
+
+    Cosine warm-up from lr/div_factor to lr until step warmup_fraction*total_steps - 1, then cosine
+    decay to lr/div_factor/final_div_factor at step total_steps - 1 (torch's phase boundaries,
+    which differ by one step from `optax.cosine_onecycle_schedule`'s).
+    """
+    initial = config.lr / config.div_factor
+    final = initial / config.final_div_factor
+    warmup_end = config.warmup_fraction * total_steps - 1
+    decay_steps = total_steps - 1 - warmup_end
+
+    def anneal(start, stop, remaining):  # start when remaining = 1, stop when it is 0
+        # torch's stop + (start - stop) / 2 * (cos(pi f) + 1) with f = 1 - remaining, written as
+        # sin(pi remaining / 2)^2 so that float32 keeps its relative precision where the rate
+        # is tiny (the last steps).
+        return stop + (start - stop) * jnp.square(jnp.sin(jnp.pi / 2 * remaining))
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warming = anneal(initial, config.lr, (warmup_end - step) / warmup_end)
+        decaying = anneal(config.lr, final, (total_steps - 1 - step) / decay_steps)
+        return jnp.where(step <= warmup_end, warming, decaying)
+
+    return schedule
+
+
+def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
+    """torch's SGD(nesterov=True, weight_decay=wd): L2 decay added to the gradient, then SGD."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(onecycle_schedule(config, total_steps), config.momentum, nesterov=True),
+    )
+
+
+def create_train_state(key: jax.Array, model: nn.Module, tx: optax.GradientTransformation
+                       ) -> TrainState:
+    """Initial parameters (torch's default initialisation), BatchNorm statistics, optimizer state."""
+    variables = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                              batch_stats=variables.get("batch_stats", {}))
+    return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def variables_of(state: TrainState) -> dict:
+    """The model variables ({"params", "batch_stats"}) of a train state."""
+    if state.batch_stats:
+        return {"params": state.params, "batch_stats": state.batch_stats}
+    return {"params": state.params}
+
+
+def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood (torch's F.nll_loss)."""
+    return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1).mean()
+
+
+def make_train_step(config: Config, rotate_fn: Callable = rotate):
+    """The pure train step of `config`: (state, (images, labels), key) -> (state, metrics).
+
+    Images are uint8 (B, 28, 28); `rotate_fn` is `augment.rotate` or a drop-in.
+    """
+
+    def train_step(state: TrainState, batch, key: jax.Array):
+        images, labels = batch
+        rotate_key, dropout_key = jax.random.split(key)
+        inputs = to_inputs(images, lambda pixels: random_rotate(
+            pixels, config.max_rotation, rotate_key, rotate_fn))
+
+        def loss_fn(params):
+            log_probs, updates = state.apply_fn(
+                variables_of(state.replace(params=params)), inputs, train=True,
+                rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+            return nll_loss(log_probs, labels), updates.get("batch_stats", {})
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats), {"loss": loss}
+
+    return train_step
+
+
+def make_train_chunk(train_step, batch_sharding: NamedSharding):
+    """Jitted: run `train_step` over rows of `indices` (K, B) with `keys` (K,) in one `lax.scan`."""
+
+    def train_chunk(state, images, labels, indices, keys):
+        def body(state, step_input):
+            index, key = step_input
+            batch = jax.lax.with_sharding_constraint((images[index], labels[index]),
+                                                     batch_sharding)
+            return train_step(state, batch, key)
+
+        return jax.lax.scan(body, state, (indices, keys))
+
+    return jax.jit(train_chunk, donate_argnums=0)
+
+
+def make_evaluate(model: nn.Module, batch_size: int, batch_sharding: NamedSharding):
+    """Jitted: (variables, uint8 images, labels) -> (summed NLL loss, number correct)."""
+
+    @jax.jit
+    def evaluate(variables, images, labels):
+        count = images.shape[0]
+        padded = math.ceil(count / batch_size) * batch_size
+        mask = jnp.arange(padded) < count
+        images = jnp.pad(images, ((0, padded - count), (0, 0), (0, 0)))
+        labels = jnp.pad(labels, (0, padded - count))
+
+        def batch_totals(batch):
+            images, labels, mask = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            log_probs = model.apply(variables, to_inputs(images), train=False)
+            losses = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), 1)[:, 0]
+            correct = log_probs.argmax(-1) == labels
+            return jnp.sum(losses * mask), jnp.sum(correct & mask)
+
+        shape = lambda x: x.reshape(-1, batch_size, *x.shape[1:])  # noqa: E731
+        losses, correct = jax.lax.map(batch_totals, (shape(images), shape(labels), shape(mask)))
+        return losses.sum(), correct.sum()
+
+    return evaluate
+
+
+def epoch_plan(key: jax.Array, epoch: int, num_train: int, steps: int, batch_size: int):
+    """The batches' example indices (steps, B) and the step keys (steps,) of one epoch.
+
+    Derived from the run's key and the epoch number alone, so a resumed run repeats them.
+    """
+    epoch_key = jax.random.fold_in(key, epoch)
+    order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), num_train)
+    indices = order[:steps * batch_size].reshape(steps, batch_size)
+    return indices, jax.random.split(jax.random.fold_in(epoch_key, 1), steps)
+
+
+def chunk_plan(epochs: int, steps: int, steps_per_call: int, epoch: int = 1, step: int = 0
+               ) -> Iterator[tuple[int, int, int]]:
+    """(epoch, first step, stop step) of each jitted call from (`epoch`, `step`) to the end."""
+    for current in range(epoch, epochs + 1):
+        first = step if current == epoch else 0
+        for start in range(first, steps, steps_per_call):
+            yield current, start, min(start + steps_per_call, steps)

@@ -1,0 +1,103 @@
+"""flax_impl.kernels: stock Flax and the fast CPU kernels build equal models and equal runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_impl import augment, core, fast, setup
+from flax_impl.config import MODELS, Config
+from flax_impl.kernels import FAST, STOCK, get_kernels, resolve
+from flax_impl.model import MODELS as FLAX_MODELS
+from flax_impl.model import create_model
+from tests.conftest import synthetic_mnist
+from torch_ref.model import MODELS as TORCH_MODELS
+from torch_ref.model import create_model as create_torch_model
+
+
+def test_auto_is_fast_on_cpu_and_stock_elsewhere():
+    assert resolve("auto", "cpu") == "fast"
+    assert resolve("auto", "gpu") == resolve("auto", "tpu") == "stock"
+    assert resolve("stock", "cpu") == "stock" and resolve("fast", "gpu") == "fast"
+    assert get_kernels("auto") is (FAST if jax.default_backend() == "cpu" else STOCK)
+    with pytest.raises(ValueError, match="unknown kernels 'quick'"):
+        resolve("quick")
+
+
+def test_stock_kernels_are_plain_flax_and_fast_ones_are_the_cpu_kernels():
+    assert STOCK.conv is nn.Conv and STOCK.max_pool is nn.max_pool
+    assert STOCK.rotate is augment.rotate
+    stock, quick = create_model("net", kernels="stock"), create_model("net", kernels="fast")
+    assert stock.conv is nn.Conv and stock.max_pool is nn.max_pool
+    assert quick.conv.keywords["conv_general_dilated"] is fast.conv_general_dilated
+    assert quick.max_pool is fast.max_pool and FAST.rotate is fast.rotate
+
+
+def model_loss_and_grads(name: str, kernels: str, dtype) -> tuple:
+    x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1)).astype(dtype)
+    model = create_model(name, 0.0, kernels)
+    variables = jax.tree.map(lambda v: v.astype(dtype),
+                             create_model(name, 0.0, "stock").init(jax.random.key(1), x))
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True,
+                             mutable=["batch_stats"])
+        return jnp.sum(out * jnp.arange(10.0, dtype=dtype))
+
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+# SeedNet in float64 only: XLA:CPU's own float32 gradients of its wide convolutions are up to
+# 1 % from float64 (the fast kernels' are 1e-6), so float32 would test XLA's rounding.
+@pytest.mark.parametrize("name, dtype", [("net", np.float32), ("net", np.float64),
+                                         ("seednet", np.float64)])
+def test_stock_and_fast_models_give_equal_outputs_and_gradients(name, dtype):
+    with jax.enable_x64(dtype == np.float64):
+        (stock_loss, stock_grads), (fast_loss, fast_grads) = (
+            model_loss_and_grads(name, kernels, dtype) for kernels in ("stock", "fast"))
+    tolerance = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(fast_loss, stock_loss, rtol=tolerance)
+    for got, want in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(stock_grads), strict=True):
+        assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
+
+
+@pytest.mark.slow
+def test_a_short_run_gives_equal_metrics_with_either_kernels():
+    config = Config(epochs=2, batch_size=64, eval_batch_size=100, train_examples=640)
+    data = synthetic_mnist(640, 200)
+
+    def run(kernels):
+        run = setup.setup_training(config, data, kernels=kernels, steps_per_call=5)
+        state, losses = run.state, []
+        for epoch, first, last in core.chunk_plan(config.epochs, run.steps_per_epoch, 5):
+            state, metrics = run.run_chunk(state, run.plan(epoch), first, last)
+            losses += list(np.asarray(metrics["loss"]))
+        return np.array(losses), run.test(state)
+
+    (stock_losses, (stock_loss, stock_correct)), (fast_losses, (fast_loss, fast_correct)) = (
+        run("stock"), run("fast"))
+    # Same batches, keys and maths; float32 rounding differs (other summation orders) and 20
+    # steps at the peak learning rate amplify it to a few parts in a thousand.
+    np.testing.assert_allclose(fast_losses, stock_losses, rtol=1e-2)
+    assert fast_loss == pytest.approx(stock_loss, rel=1e-2)
+    assert abs(fast_correct - stock_correct) <= 2
+
+
+def test_each_framework_has_one_strict_registry_of_the_same_models():
+    assert tuple(FLAX_MODELS) == tuple(TORCH_MODELS) == MODELS
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        create_model("resnet")
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        create_torch_model("resnet")
+
+
+def test_a_variant_is_a_replaced_field_not_a_patch():
+    variant = dataclasses.replace(FAST, max_pool=nn.max_pool)
+    model = create_model("net", kernels=variant)
+    assert model.max_pool is nn.max_pool and model.conv is FAST.conv
+    assert FAST.max_pool is fast.max_pool  # the original is untouched

@@ -1,0 +1,52 @@
+"""The core of the PyTorch reference: optimizer and schedule, train step, evaluation.
+
+Mirrors `flax_impl/core.py`. `torch_ref.setup` builds a run from it; the run layer around it
+(workdir, checkpoints, command line) is `torch_ref.train`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flax_impl.config import Config
+from torch_ref.augment import random_rotate
+from torch_ref.model import to_inputs
+
+
+def create_optimizer(model: torch.nn.Module, config: Config, total_steps: int):
+    """SGD (Nesterov, L2 weight decay on every parameter) and the one-cycle schedule."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=True, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.warmup_fraction,
+        anneal_strategy="cos", cycle_momentum=False, div_factor=config.div_factor,
+        final_div_factor=config.final_div_factor)
+    return optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, images, labels, config: Config,
+               generator: torch.Generator) -> torch.Tensor:
+    """One step on a uint8 batch: rotate, normalise, forward, backward, update. Returns the loss."""
+    inputs = to_inputs(images, lambda pixels: random_rotate(pixels, config.max_rotation, generator),
+                       dtype=next(model.parameters()).dtype)
+    loss = F.nll_loss(model(inputs), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+             ) -> tuple[float, int]:
+    """Mean NLL loss and number of correct predictions on a uint8 image set."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        log_probs = model(to_inputs(images[start:start + batch_size]))
+        target = labels[start:start + batch_size]
+        loss_sum += F.nll_loss(log_probs, target, reduction="sum").item()
+        correct += (log_probs.argmax(1) == target).sum().item()
+    return loss_sum / len(images), correct

@@ -1,0 +1,88 @@
+"""One run of the PyTorch reference, set up: `setup_training(config, data, device)`.
+
+Mirrors `flax_impl/setup.py`: the model, optimizer, schedule, random generator and the data as
+tensors on the device (CPU or CUDA). Training (`torch_ref.train`), `compare.speed` and
+`compare.parity` all start here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from flax_impl.config import Config, ConfigError
+from flax_impl.data import Mnist
+from torch_ref.core import create_optimizer, evaluate, train_step
+from torch_ref.model import create_model
+
+
+@dataclasses.dataclass
+class Setup:
+    """One run, ready to go: model, optimizer, schedule, random generator and the data."""
+
+    config: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    # Epoch orders and rotation angles, drawn on the CPU whatever the device, so that a run
+    # draws the same ones everywhere; dropout uses torch's global generator of the device.
+    generator: torch.Generator
+    device: torch.device
+    steps_per_epoch: int
+    train_data: tuple[torch.Tensor, torch.Tensor]  # uint8 images, int64 labels
+    test_data: tuple[torch.Tensor, torch.Tensor]
+
+    def plan(self) -> torch.Tensor:
+        """The next epoch's example order, drawn from the run's generator (once per epoch)."""
+        return torch.randperm(len(self.train_data[0]), generator=self.generator).to(self.device)
+
+    def run_step(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """Step `step` of an epoch with example `order`; its loss (a tensor, not synced)."""
+        self.model.train()
+        batch = order[step * self.config.batch_size:(step + 1) * self.config.batch_size]
+        images, labels = self.train_data
+        return train_step(self.model, self.optimizer, self.scheduler, images[batch],
+                          labels[batch], self.config, self.generator)
+
+    def test(self) -> tuple[float, int]:
+        """Mean test loss and number of correct test predictions."""
+        return evaluate(self.model, *self.test_data, self.config.eval_batch_size)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device `device` ("auto": CUDA where torch sees a GPU, else the CPU) names."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def setup_training(config: Config, data: Mnist, device: str = "auto") -> Setup:
+    """Build `config`'s run on `device`; seeds torch's global generators (dropout) and the
+    run's own."""
+    count = config.training_images(len(data.train_images))
+    steps = config.steps_per_epoch(count)
+    if steps == 0:
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {count} "
+                          f"training images")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    device = resolve_device(device)
+    model = create_model(config.model, config.dropout).to(device)
+    optimizer, scheduler = create_optimizer(model, config, config.epochs * steps)
+
+    def on_device(images, labels):
+        return torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
+
+    return Setup(
+        config=config, model=model, optimizer=optimizer, scheduler=scheduler,
+        generator=generator, device=device, steps_per_epoch=steps,
+        train_data=on_device(data.train_images[:count], data.train_labels[:count]),
+        test_data=on_device(data.test_images, data.test_labels))
