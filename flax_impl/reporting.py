@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
+from flax_impl.atomic import atomic_write
 from flax_impl.config import Config, ConfigError
 from flax_impl.data import DataError
 
@@ -85,16 +84,7 @@ def summary_line(history: list[dict]) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temp file and a rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def record_epoch(history: list[dict], epoch: int, train_loss: float, test_loss: float,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -14,6 +17,8 @@ import pytest
 from flax_impl import data
 from flax_impl.data import DataError, Mnist, load_mnist
 from tests.conftest import idx_bytes, synthetic_mnist, write_idx_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_same(a: Mnist, b: Mnist) -> None:
@@ -193,6 +198,66 @@ def test_tfds_source_under_mock_data():
         assert all(a.dtype == np.uint8 for a in mnist)
         with pytest.raises(DataError, match="12 train examples, expected 60000"):
             data.load_tfds()
+
+
+def test_tfds_without_tensorflow_says_how_to_prepare_at_once(monkeypatch, tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None
+                        if name == "tensorflow" else real_find_spec(name, *args))
+    monkeypatch.setattr(data, "host_reachable", lambda *args: pytest.fail("no need to ask"))
+    with pytest.raises(DataError, match=r"preparing it needs TensorFlow: pip install "
+                                        r"'mnist20k\[tfds\]'"):
+        data.load_tfds(data_dir=str(tmp_path))
+
+
+PREPARE_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import tensorflow_datasets as tfds
+from flax_impl import data
+# tfds's download manager is handed the local copies instead of fetching the official URLs.
+files = {key: str(data.find_idx_file(Path(sys.argv[1]), stem)) for key, stem in (
+    ("train_data", "train-images-idx3-ubyte"), ("train_labels", "train-labels-idx1-ubyte"),
+    ("test_data", "t10k-images-idx3-ubyte"), ("test_labels", "t10k-labels-idx1-ubyte"))}
+tfds.download.DownloadManager.download_and_extract = lambda self, urls: {k: files[k] for k in urls}
+data.host_reachable = lambda *args: True
+mnist = data.load_tfds(data_dir=sys.argv[2])
+print(json.dumps({name: [int(x) for x in np.asarray(array).shape] for name, array in
+                  mnist._asdict().items()}))
+np.savez(sys.argv[3], **mnist._asdict())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_tfds_prepares_real_mnist_with_tensorflow(tmp_path, monkeypatch):
+    """The canonical path for real: tfds prepares MNIST from the official files (the `tfds`
+    extra), then reads it; the same images and labels as MNIST, in tfds's own order."""
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("needs TensorFlow: pip install -e '.[tfds]'")
+    monkeypatch.delenv("MNIST20K_CACHE")
+    official = load_mnist()  # the verified cache
+    assert data.is_official_mnist(official)
+    write_idx_dir(tmp_path / "raw", official)
+    result = subprocess.run([sys.executable, "-c", PREPARE_SCRIPT, str(tmp_path / "raw"),
+                             str(tmp_path / "tfds"), str(tmp_path / "tfds.npz")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "tfds.npz") as prepared:
+        for split in ("train", "test"):
+            images, labels = prepared[f"{split}_images"], prepared[f"{split}_labels"]
+            want_images = getattr(official, f"{split}_images")
+            want_labels = getattr(official, f"{split}_labels")
+            assert not np.array_equal(labels, want_labels)  # tfds's own order
+            assert examples(images, labels) == examples(want_images, want_labels)
+
+
+def examples(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    """Each (image, label) as bytes, sorted: equal lists hold the same examples in any order."""
+    return sorted(image.tobytes() + bytes([label]) for image, label in zip(images, labels,
+                                                                          strict=True))
 
 
 def recording_fetchers(monkeypatch, results):

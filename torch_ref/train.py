@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from flax_impl.atomic import atomic_write
 from flax_impl.config import Config, build_parser, config_from_args
 from flax_impl.data import load_mnist
 from flax_impl.reporting import (
@@ -38,14 +37,7 @@ BAR_EVERY = 20  # steps between progress-bar loss updates (each one a host sync)
 
 def atomic_save(obj, path: Path) -> None:
     """`torch.save` through a temporary file and a rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def save_checkpoint(path: Path, run: Setup, history: list[dict]) -> None:
