@@ -1,0 +1,47 @@
+"""notebooks/walkthrough.ipynb: committed with its outputs, and it runs top to bottom."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "walkthrough.ipynb"
+
+
+def code_cells(notebook) -> list:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def text_of(cell) -> str:
+    return "".join(output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
+                   for output in cell.outputs)
+
+
+def test_committed_with_outputs_and_the_short_recipe():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    cells = code_cells(notebook)
+    assert "FULL_RECIPE = False" in cells[0].source  # the one switch, at the top
+    assert all(cell.execution_count for cell in cells)
+    assert all(cell.outputs for cell in cells[1:])
+    assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
+    pictures = sum("image/png" in o.get("data", {}) for c in cells for o in c.outputs)
+    assert pictures == 2  # the training curves and the predicted digits
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_it_runs_top_to_bottom(monkeypatch):
+    from nbclient import NotebookClient
+
+    monkeypatch.delenv("MNIST20K_CACHE")  # the real MNIST, as a reader has it
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    texts = [text_of(cell) for cell in code_cells(notebook)]
+    assert "verdict: MATCH; under 20,000 parameters" in texts[3]
+    assert texts[4].count("PASS") == 2 and "FAIL" not in texts[4]
+    digits = [line for line in texts[4].splitlines() if line.startswith(("torch's", "Flax's"))]
+    assert digits[0].split(":")[1].strip() == digits[1].split(":")[1].strip()  # same digits
+    assert texts[5].count("Test set: Average loss") == 2
