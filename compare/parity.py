@@ -8,7 +8,8 @@ device, with TF32 off in both (float32 matrix products in full precision):
 1. eval-mode outputs with weights converted torch->Flax and Flax->torch (Net, SeedNet);
 2. train-mode outputs (batch statistics), BatchNorm running statistics after one step and the
    gradients of the loss for every parameter;
-3. 100 optimizer steps from the same weights on the same batches (no augmentation or dropout);
+3. 100 optimizer steps from the same weights on the same batches (no augmentation or dropout),
+   also with a moving average of the weights; the loss with and without label smoothing;
 4. the learning-rate schedule at every step of a full default run;
 5. the rotation augmentation for the same angles;
 6. a model trained in one framework scores the same test accuracy in the other;
@@ -181,15 +182,19 @@ def check_train_mode(data: Mnist, device: torch.device = CPU) -> list[Check]:
                   f"{torch_own:.1e} from float64")]
 
 
-def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU
-                    ) -> tuple[float, float]:
+def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU,
+                    recipe: Config = NO_NOISE) -> tuple[float, float]:
     """`steps` SGD steps of each framework's own train step from the same weights on the same
-    batches, in `dtype`: (largest loss gap, largest relative weight/statistics gap at the end)."""
-    config = dataclasses.replace(NO_NOISE, epochs=1, train_examples=steps * BATCH)
+    batches, in `dtype`, with `recipe`'s loss and moving average (rotation and dropout off):
+    (largest loss gap, largest relative gap of the scored weights and statistics at the end:
+    the moving average's where the recipe keeps one)."""
+    config = dataclasses.replace(recipe, max_rotation=0.0, dropout=0.0, epochs=1,
+                                 train_examples=steps * BATCH)
     torch_model = warmed_torch_model("net", data, device).train()
     variables = torch_to_flax(torch_model.state_dict(), "net")
     torch_model = torch_model.to(torch.float64 if dtype == np.float64 else torch.float32)
     optimizer, scheduler = torch_core.create_optimizer(torch_model, config, steps)
+    ema = torch_core.create_ema(torch_model, config.ema_decay) if config.ema_decay else None
     generator = torch.Generator()
     run = flax_setup.setup_training(config, data, devices=jax.devices()[:1])
     loss_gap = 0.0
@@ -197,7 +202,8 @@ def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU
         params, stats = jax.tree.map(lambda x: jnp.asarray(x, dtype),
                                      (variables["params"], variables["batch_stats"]))
         state = run.state.replace(params=params, batch_stats=stats,
-                                  opt_state=run.state.tx.init(params))
+                                  opt_state=run.state.tx.init(params),
+                                  ema_params=params if config.ema_decay else {})
         step = jax.jit(run.train_step)
         for i in range(steps):
             images = data.train_images[i * BATCH:(i + 1) * BATCH]
@@ -206,28 +212,63 @@ def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU
                                                torch.from_numpy(images).to(device),
                                                torch.from_numpy(labels).long().to(device), config,
                                                generator)
+            if ema is not None:
+                ema.update_parameters(torch_model)
             state, metrics = step(state, (jnp.asarray(images), jnp.asarray(labels)),
                                   jax.random.key(i))
             loss_gap = max(loss_gap, abs(float(metrics["loss"]) - torch_loss.item()))
-        final = jax.tree.map(np.asarray, flax_core.variables_of(state))
+        final = jax.tree.map(np.asarray, flax_core.eval_variables(state))
     converted = flax_to_torch(final, "net")
+    scored = ema.module if ema is not None else torch_model
     param_gap = max(max_abs(converted[k], p.detach().cpu()) / max(float(p.abs().max()), 1e-12)
-                    for k, p in torch_model.state_dict().items() if p.is_floating_point())
+                    for k, p in scored.state_dict().items() if p.is_floating_point())
     return loss_gap, param_gap
 
 
 def check_optimizer_steps(data: Mnist, steps: int = 100, float32_drift: bool = True,
                           device: torch.device = CPU) -> list[Check]:
-    """3. `steps` optimizer steps: exact maths in float64; optionally the float32 drift."""
+    """3. `steps` optimizer steps: exact maths in float64, also with a moving average of the
+    weights; optionally the float32 drift."""
     loss64, params64 = optimizer_steps(data, steps, np.float64, device)
+    averaged = optimizer_steps(data, steps, np.float64, device,
+                               dataclasses.replace(NO_NOISE, ema_decay=0.9))[1]
     checks = [Check(f"{steps} SGD steps, float64: loss, max |difference|", loss64, 1e-6),
-              Check(f"{steps} SGD steps, float64: weights and stats (relative)", params64, 1e-5)]
+              Check(f"{steps} SGD steps, float64: weights and stats (relative)", params64, 1e-5),
+              Check(f"{steps} SGD steps, float64: moving average 0.9 of the weights (relative)",
+                    averaged, 1e-5, "torch's AveragedModel(get_ema_multi_avg_fn(0.9))")]
     if float32_drift:
         loss32, params32 = optimizer_steps(data, steps, np.float32, device)
         drift = (f"float32 rounding differences grow chaotically at the peak rate: after "
                  f"{steps} steps the weights differ by {params32:.2g} (relative)")
         checks.append(Check(f"{steps} SGD steps, float32: loss, max |difference|", loss32, 0.1,
                             drift))
+    return checks
+
+
+def check_loss(data: Mnist, label_smoothing: float = 0.1) -> list[Check]:
+    """3b. The loss of log_softmax(logits) and its gradient with respect to the logits (the
+    model's last layer, whose outputs then pass through its log-softmax), float64, with and
+    without label smoothing; logits: a model's on real digits."""
+    with torch.no_grad():
+        logits = warmed_torch_model("net", data)(torch_inputs(data.test_images[:BATCH])).double()
+    labels = data.test_labels[:BATCH].astype(np.int64)
+
+    def flax_loss(z, smoothing):
+        return flax_core.nll_loss(jax.nn.log_softmax(z), jnp.asarray(labels), smoothing)
+
+    checks = []
+    for smoothing in (0.0, label_smoothing):
+        torch_logits = logits.clone().requires_grad_()
+        torch_loss = torch_core.nll_loss(F.log_softmax(torch_logits, dim=1),
+                                         torch.from_numpy(labels), smoothing)
+        torch_loss.backward()
+        with jax.enable_x64(True):
+            loss, grad = jax.value_and_grad(flax_loss)(jnp.asarray(logits.numpy()), smoothing)
+            loss, grad = float(loss), np.asarray(grad)
+        error = max(abs(loss - torch_loss.item()), max_abs(grad, torch_logits.grad))
+        checks.append(Check(f"loss and its gradient, label smoothing {smoothing:g}", error, 1e-12,
+                            "torch: nll_loss" if not smoothing else
+                            "torch: cross_entropy(label_smoothing=...)"))
     return checks
 
 
@@ -272,7 +313,7 @@ def correct_in_torch(model: torch.nn.Module, data: Mnist) -> int:
 
 def correct_in_flax(run: flax_setup.Setup, variables: dict) -> int:
     """Correct test predictions of Flax `variables`, by a training setup's evaluation."""
-    return int(run.evaluate(variables, *run.test_data)[1])
+    return int(run.evaluate(variables, *run.eval_data)[1])
 
 
 class ParityInputError(Exception):
@@ -335,7 +376,7 @@ def all_checks(data: Mnist, device: torch.device = CPU) -> list[Callable[[], lis
     return [lambda: (check_eval_outputs(data, "net", 1e-5, device)
                      + check_eval_outputs(data, "seednet", 1e-4, device)),
             lambda: check_train_mode(data, device),
-            lambda: check_optimizer_steps(data, device=device),
+            lambda: check_optimizer_steps(data, device=device) + check_loss(data),
             lambda: check_schedule(len(data.train_images)),
             lambda: check_rotation(data),
             lambda: check_trained_models(data, device=device)]

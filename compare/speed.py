@@ -93,7 +93,7 @@ class FlaxBench:
         """Seconds to evaluate the 10k test images."""
         start = time.perf_counter()
         jax.block_until_ready(self.run.evaluate(flax_core.variables_of(self.state),
-                                                *self.run.test_data))
+                                                *self.run.eval_data))
         return time.perf_counter() - start
 
     def epoch(self) -> float:
@@ -138,7 +138,7 @@ class TorchBench:
     def evaluate(self) -> float:
         """Seconds to evaluate the 10k test images."""
         start = time.perf_counter()
-        self.run.test()
+        self.run.score()
         return time.perf_counter() - start
 
     def epoch(self) -> float:

@@ -19,8 +19,9 @@ MODELS = ("net", "seednet")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One training run. The defaults are the documented recipe."""
+    """One training run. The defaults are the documented ("default") recipe."""
 
+    recipe: str = "default"  # the preset the other fields started from (RECIPES)
     model: str = "net"
     epochs: int = 20
     batch_size: int = 128
@@ -35,17 +36,41 @@ class Config:
     # Augmentation and regularisation.
     max_rotation: float = 7.0  # degrees; each training image is rotated by U(-max, max)
     dropout: float = 0.05
+    label_smoothing: float = 0.0  # torch's cross_entropy(label_smoothing=...)
+    # An exponential moving average of the parameters, scored and saved as the model (torch's
+    # AveragedModel with get_ema_multi_avg_fn); 0: none.
+    ema_decay: float = 0.0
     seed: int = 0
     data_source: str = "auto"
     train_examples: int | None = None  # use only the first N training images (smoke tests)
+    # Hold out the last N training images and score each epoch on them instead of the test set
+    # (for choosing a recipe without looking at the test set).
+    validation: int = 0
     eval_batch_size: int = 1000
 
     def training_images(self, available: int) -> int:
-        """How many of the `available` training images the run uses (ConfigError if too few)."""
-        if self.train_examples and self.train_examples > available:
+        """How many of the `available` training images the run trains on: the first ones, of
+        those not held out for validation (ConfigError if too few)."""
+        usable = available - self.validation
+        if usable <= 0:
+            raise ConfigError(f"--validation {self.validation} leaves none of the {available} "
+                              f"training images to train on")
+        if self.train_examples and self.train_examples > usable:
             raise ConfigError(f"--train-examples {self.train_examples} is more than the "
-                              f"{available} training images")
-        return self.train_examples or available
+                              f"{usable} training images" + (" not held out for validation"
+                                                              if self.validation else ""))
+        return self.train_examples or usable
+
+    def evaluation_set(self, mnist) -> tuple:
+        """(images, labels) each epoch is scored on: the test set, or the validation split."""
+        if self.validation:
+            return mnist.train_images[-self.validation:], mnist.train_labels[-self.validation:]
+        return mnist.test_images, mnist.test_labels
+
+    @property
+    def eval_split(self) -> str:
+        """"val" or "test": the prefix of the evaluation's metrics (val_accuracy, ...)."""
+        return "val" if self.validation else "test"
 
     def steps_per_epoch(self, num_train: int) -> int:
         """Full batches per epoch; the last partial batch is dropped."""
@@ -60,6 +85,19 @@ class ConfigError(ValueError):
     """A bad flag value, described in one line."""
 
 
+# Each recipe: the fields it changes from the dataclass defaults (the "default" recipe).
+RECIPES: dict[str, dict] = {
+    "default": {},
+}
+
+
+def recipe_config(recipe: str = "default", **overrides) -> Config:
+    """The Config of `recipe` (a key of RECIPES), with `overrides` applied on top."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    return dataclasses.replace(Config(recipe=recipe), **{**RECIPES[recipe], **overrides})
+
+
 def validate(config: Config) -> Config:
     """Raise ConfigError for values no run can use; return `config` unchanged."""
     if config.model not in MODELS:
@@ -67,9 +105,12 @@ def validate(config: Config) -> Config:
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
+    if config.validation < 0:
+        raise ConfigError(f"--validation must be >= 0, got {config.validation}")
     if config.train_examples is not None and config.train_examples <= 0:
         raise ConfigError(f"--train-examples must be > 0, got {config.train_examples}")
-    for name in ("lr", "weight_decay", "dropout", "max_rotation"):  # NaN passes every comparison
+    for name in ("lr", "weight_decay", "dropout", "max_rotation", "label_smoothing",
+                 "ema_decay"):  # NaN passes every comparison
         if not math.isfinite(getattr(config, name)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got "
                               f"{getattr(config, name)}")
@@ -81,6 +122,10 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.max_rotation < 0:
         raise ConfigError(f"--max-rotation must be >= 0, got {config.max_rotation}")
+    for name in ("label_smoothing", "ema_decay"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got "
+                              f"{getattr(config, name)}")
     return config
 
 
@@ -89,20 +134,36 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=defaults.model, choices=MODELS,
-                        help="network to train (seednet is the seed README's >20k base network)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--dropout", type=float, default=defaults.dropout)
-    parser.add_argument("--max-rotation", type=float, default=defaults.max_rotation,
-                        help="random rotation range in degrees (0 disables augmentation)")
+    parser.add_argument("--recipe", default=defaults.recipe, choices=RECIPES,
+                        help="the preset of the flags below; each one given overrides it")
+
+    def recipe_flag(name: str, help: str = "", **kwargs):
+        # Left out, the recipe's value applies (absent from the namespace); the default recipe's
+        # is shown.
+        shown = getattr(defaults, name.removeprefix("--").replace("-", "_"))
+        parser.add_argument(name, default=argparse.SUPPRESS,
+                            help=f"{help} (default recipe: {shown})".strip(), **kwargs)
+
+    recipe_flag("--model", "network to train (seednet is the seed README's >20k base network)",
+                choices=MODELS)
+    recipe_flag("--epochs", type=int)
+    recipe_flag("--batch-size", type=int)
+    recipe_flag("--lr", "peak learning rate", type=float)
+    recipe_flag("--weight-decay", type=float)
+    recipe_flag("--dropout", type=float)
+    recipe_flag("--max-rotation", "random rotation range in degrees (0 disables augmentation)",
+                type=float)
+    recipe_flag("--label-smoothing", type=float)
+    recipe_flag("--ema-decay", "moving average of the weights, scored and saved (0: none)",
+                type=float)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--data-source", default=defaults.data_source,
                         help=f"where MNIST comes from: {', '.join(SOURCES)}")
     parser.add_argument("--train-examples", type=int, default=None,
                         help="train on the first N images only (quick smoke runs)")
+    parser.add_argument("--validation", type=int, default=defaults.validation, metavar="N",
+                        help="hold out the last N training images and score each epoch on them "
+                             "instead of the test set (0: the test set)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="directory for metrics.jsonl, config.json and checkpoints")
     parser.add_argument("--resume", action="store_true",
@@ -113,6 +174,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The validated Config the parsed flags describe."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    return validate(Config(**{k: v for k, v in vars(args).items() if k in fields}))
+    """The validated Config the parsed flags describe: the recipe, then the flags given."""
+    fields = {f.name for f in dataclasses.fields(Config)} - {"recipe"}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    return validate(recipe_config(args.recipe, **given))

@@ -2,7 +2,8 @@
 
 Pure functions over pytrees, everything that runs per step inside `jax.jit`:
 
-- `TrainState`: Flax's `TrainState` plus BatchNorm's running statistics;
+- `TrainState`: Flax's `TrainState` plus BatchNorm's running statistics and, when the recipe
+  asks for one, an exponential moving average of the parameters;
 - `onecycle_schedule` and `create_optimizer`: torch's SGD and OneCycleLR, step for step;
 - `make_train_step`: `train_step(state, (images, labels), key) -> (state, metrics)` rotates,
   normalises, differentiates and updates;
@@ -17,6 +18,7 @@ Pure functions over pytrees, everything that runs per step inside `jax.jit`:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,9 +36,11 @@ from flax_impl.model import to_inputs
 
 
 class TrainState(train_state.TrainState):
-    """Step, parameters, optimizer state (Flax's TrainState) and BatchNorm statistics."""
+    """Step, parameters, optimizer state (Flax's TrainState), BatchNorm statistics, and the
+    moving average of the parameters ({} without one)."""
 
     batch_stats: Any
+    ema_params: Any = dataclasses.field(default_factory=dict)
 
 
 def onecycle_schedule(config: Config, total_steps: int) -> optax.Schedule:
@@ -74,12 +78,15 @@ def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransfor
     )
 
 
-def create_train_state(key: jax.Array, model: nn.Module, tx: optax.GradientTransformation
-                       ) -> TrainState:
-    """Initial parameters (torch's default initialisation), BatchNorm statistics, optimizer state."""
+def create_train_state(key: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+                       ema: bool = False) -> TrainState:
+    """Initial parameters (torch's default initialisation), BatchNorm statistics, optimizer state
+    and, with `ema`, the moving average of the parameters (their copy until the first step)."""
     variables = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                              batch_stats=variables.get("batch_stats", {}))
+                              batch_stats=variables.get("batch_stats", {}),
+                              # a copy: a donated state must not hold one buffer twice
+                              ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema else {})
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
@@ -90,9 +97,27 @@ def variables_of(state: TrainState) -> dict:
     return {"params": state.params}
 
 
-def nll_loss(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood (torch's F.nll_loss)."""
-    return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1).mean()
+def eval_variables(state: TrainState) -> dict:
+    """The variables that are scored and saved as the model: with a moving average of the
+    parameters, it with the live BatchNorm statistics (torch's AveragedModel keeps those in
+    sync the same way)."""
+    return variables_of(state.replace(params=state.ema_params) if state.ema_params else state)
+
+
+def update_ema(ema_params, params, decay: float, step: jax.Array):
+    """decay * ema + (1 - decay) * params; the parameters themselves after the first step (as
+    torch's AveragedModel with get_ema_multi_avg_fn)."""
+    return jax.tree.map(lambda e, p: jnp.where(step == 0, p, decay * e + (1 - decay) * p),
+                        ema_params, params)
+
+
+def nll_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean negative log-likelihood (torch's F.nll_loss); with `label_smoothing` e, torch's
+    cross_entropy(label_smoothing=e): (1 - e) NLL + e * the mean over classes of -log p."""
+    nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)
+    return nll.mean()
 
 
 def make_train_step(config: Config, rotate_fn: Callable = rotate):
@@ -111,10 +136,15 @@ def make_train_step(config: Config, rotate_fn: Callable = rotate):
             log_probs, updates = state.apply_fn(
                 variables_of(state.replace(params=params)), inputs, train=True,
                 rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-            return nll_loss(log_probs, labels), updates.get("batch_stats", {})
+            loss = nll_loss(log_probs, labels, config.label_smoothing)
+            return loss, updates.get("batch_stats", {})
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return state.apply_gradients(grads=grads, batch_stats=batch_stats), {"loss": loss}
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        if config.ema_decay:
+            new_state = new_state.replace(ema_params=update_ema(
+                state.ema_params, new_state.params, config.ema_decay, state.step))
+        return new_state, {"loss": loss}
 
     return train_step
 

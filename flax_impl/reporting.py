@@ -21,7 +21,12 @@ from flax_impl.data import DataError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
-METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds")
+SPLIT_NAMES = {"test": "Test set", "val": "Validation set"}
+
+
+def eval_split(record: dict) -> str:
+    """"val" or "test": which set an epoch record was scored on."""
+    return "val" if "val_accuracy" in record else "test"
 
 
 class WorkdirError(RuntimeError):
@@ -66,20 +71,23 @@ def epoch_bar(epoch: int, epochs: int, steps: int, done: int = 0) -> tqdm:
                 leave=True, dynamic_ncols=True, mininterval=0.5)
 
 
-def evaluation_line(loss: float, correct: int, total: int) -> str:
-    """The seed notebook's line: 'Test set: Average loss: 0.0165, Accuracy: 9945/10000 (99.45%)'."""
-    return (f"Test set: Average loss: {loss:.4f}, "
+def evaluation_line(loss: float, correct: int, total: int, split: str = "test") -> str:
+    """The seed notebook's line: 'Test set: Average loss: 0.0165, Accuracy: 9945/10000 (99.45%)'
+    ('Validation set: ...' for the validation split)."""
+    return (f"{SPLIT_NAMES[split]}: Average loss: {loss:.4f}, "
             f"Accuracy: {correct}/{total} ({100.0 * correct / total:.2f}%)")
 
 
 def summary_line(history: list[dict]) -> str:
     """One line summing up a finished run."""
-    last = history[-1]
-    best = max(history, key=lambda m: m["test_accuracy"])
+    if not history:
+        return "Done: no epoch to run"
+    key = f"{eval_split(history[-1])}_accuracy"
+    last, best = history[-1], max(history, key=lambda m: m[key])
     minutes = sum(m["seconds"] for m in history) / 60
-    return (f"Done: {len(history)} epochs in {minutes:.1f} min; final test accuracy "
-            f"{100 * last['test_accuracy']:.2f}% (best {100 * best['test_accuracy']:.2f}% "
-            f"at epoch {best['epoch']})")
+    name = "test" if key == "test_accuracy" else "validation"
+    return (f"Done: {len(history)} epochs in {minutes:.1f} min; final {name} accuracy "
+            f"{100 * last[key]:.2f}% (best {100 * best[key]:.2f}% at epoch {best['epoch']})")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -87,12 +95,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda file: file.write(text.encode()))
 
 
-def record_epoch(history: list[dict], epoch: int, train_loss: float, test_loss: float,
-                 correct: int, total: int, seconds: float) -> None:
-    """Print the seed's test-set line and append the epoch's record to `history`."""
-    print(evaluation_line(test_loss, correct, total), flush=True)
-    history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                    "test_accuracy": correct / total, "seconds": seconds})
+def record_epoch(history: list[dict], epoch: int, train_loss: float, eval_loss: float,
+                 correct: int, total: int, seconds: float, split: str = "test") -> None:
+    """Print the seed's test-set line (or the validation split's) and append the epoch's record
+    to `history`: epoch, train_loss, {split}_loss, {split}_accuracy, seconds."""
+    print(evaluation_line(eval_loss, correct, total, split), flush=True)
+    history.append({"epoch": epoch, "train_loss": train_loss, f"{split}_loss": eval_loss,
+                    f"{split}_accuracy": correct / total, "seconds": seconds})
 
 
 def write_epoch_files(workdir: Path | None, history: list[dict]) -> None:
@@ -174,27 +183,29 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_metrics(workdir: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl with `history` (atomically, so it always matches a checkpoint)."""
-    text = "".join(json.dumps({k: m[k] for k in METRIC_KEYS}) + "\n" for m in history)
+    text = "".join(json.dumps(m) + "\n" for m in history)
     atomic_write_text(workdir / METRICS_FILE, text)
 
 
 def write_curves(workdir: Path, history: list[dict]) -> Path:
-    """Plot train/test loss and test accuracy per epoch into `workdir/curves.png`."""
+    """Plot train and test (or validation) loss and accuracy per epoch into `workdir/curves.png`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [m["epoch"] for m in history]
+    epochs, split = [m["epoch"] for m in history], eval_split(history[-1])
+    name = "test" if split == "test" else "validation"
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
-    loss_axis.plot(epochs, [m["test_loss"] for m in history], "o-", label="test")
+    loss_axis.plot(epochs, [m[f"{split}_loss"] for m in history], "o-", label=name)
     loss_axis.set(xlabel="epoch", ylabel="NLL loss", yscale="log", title="Loss")
     loss_axis.legend()
-    accuracy_axis.plot(epochs, [100 * m["test_accuracy"] for m in history], "o-", color="C2")
+    accuracy_axis.plot(epochs, [100 * m[f"{split}_accuracy"] for m in history], "o-", color="C2")
     accuracy_axis.axhline(99.4, color="grey", linestyle="--", label="99.4 % target")
-    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    accuracy_axis.set(xlabel="epoch", ylabel=f"{name} accuracy (%)",
+                      title=f"{name.capitalize()} accuracy")
     accuracy_axis.legend()
     for axis in (loss_axis, accuracy_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -24,10 +24,10 @@ from flax_impl.core import (
     create_optimizer,
     create_train_state,
     epoch_plan,
+    eval_variables,
     make_evaluate,
     make_train_chunk,
     make_train_step,
-    variables_of,
 )
 from flax_impl.data import Mnist
 from flax_impl.kernels import Kernels, get_kernels
@@ -54,7 +54,7 @@ class Setup:
     train_chunk: Callable
     evaluate: Callable
     train_data: tuple[jax.Array, jax.Array]  # uint8 images and labels, replicated
-    test_data: tuple[jax.Array, jax.Array]
+    eval_data: tuple[jax.Array, jax.Array]  # the test set, or the validation split
     replicated: NamedSharding
 
     def plan(self, epoch: int):
@@ -67,10 +67,10 @@ class Setup:
         indices, keys = plan
         return self.train_chunk(state, *self.train_data, indices[first:stop], keys[first:stop])
 
-    def test(self, state: TrainState) -> tuple[float, int]:
-        """Mean test loss and number of correct test predictions (a host sync)."""
-        loss_sum, correct = self.evaluate(variables_of(state), *self.test_data)
-        return float(loss_sum) / len(self.test_data[1]), int(correct)
+    def score(self, state: TrainState) -> tuple[float, int]:
+        """Mean loss and number of correct predictions on `eval_data` (a host sync)."""
+        loss_sum, correct = self.evaluate(eval_variables(state), *self.eval_data)
+        return float(loss_sum) / len(self.eval_data[1]), int(correct)
 
 
 def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
@@ -92,7 +92,8 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
     kernels = get_kernels(kernels)
     model = create_model(config.model, config.dropout, kernels)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    state = create_train_state(init_key, model, create_optimizer(config, config.epochs * steps))
+    state = create_train_state(init_key, model, create_optimizer(config, config.epochs * steps),
+                               ema=bool(config.ema_decay))
     train_step = make_train_step(config, kernels.rotate)
     return Setup(
         config=config, model=model, kernels=kernels,
@@ -102,5 +103,5 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
         evaluate=make_evaluate(model, config.eval_batch_size, batch_sharding),
         train_data=jax.device_put((data.train_images[:count], data.train_labels[:count]),
                                   replicated),
-        test_data=jax.device_put((data.test_images, data.test_labels), replicated),
+        eval_data=jax.device_put(config.evaluation_set(data), replicated),
         replicated=replicated)

@@ -25,7 +25,7 @@ from flax_impl.core import (
     chunk_plan,
     create_optimizer,
     create_train_state,
-    variables_of,
+    eval_variables,
 )
 from flax_impl.data import load_mnist
 from flax_impl.kernels import KERNELS, resolve
@@ -95,15 +95,17 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState
 
 
 def restore_variables(workdir: str | Path) -> dict:
-    """The variables ({"params", "batch_stats"}) of the latest checkpoint in a training workdir."""
+    """The variables ({"params", "batch_stats"}) of the latest checkpoint in a training workdir:
+    the ones it scored (the moving average of the parameters where the recipe keeps one)."""
     config = load_config(workdir)
     model = create_model(config.model, config.dropout)
-    target = create_train_state(jax.random.key(0), model, create_optimizer(config, 1))
+    target = create_train_state(jax.random.key(0), model, create_optimizer(config, 1),
+                                ema=bool(config.ema_decay))
     with checkpoint_manager(Path(workdir)) as manager:
         restored = restore_checkpoint(manager, target)
     if restored is None:
         raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
-    return variables_of(restored[0])
+    return eval_variables(restored[0])
 
 
 class StopRequests:
@@ -194,8 +196,8 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
                 if last == steps:  # the epoch is done: evaluate, record, checkpoint
                     bar = bar.close()  # None: the next chunk starts a new epoch
                     record_epoch(progress.history, epoch, progress.loss_sum / steps,
-                                 *run.test(state), len(run.test_data[1]),
-                                 time.perf_counter() - started)
+                                 *run.score(state), len(run.eval_data[1]),
+                                 time.perf_counter() - started, config.eval_split)
                     progress = Progress(epoch + 1, 0, 0.0, progress.history)
                     save_checkpoint(manager, state, progress)
                     write_epoch_files(workdir, progress.history)

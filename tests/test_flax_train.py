@@ -132,3 +132,48 @@ def test_two_devices_match_one_device(tiny_idx_source):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-3)
         assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=0.011)
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_validation_holds_out_the_last_images_and_scores_on_them(tiny_idx_source, tmp_path,
+                                                                 capsys, framework):
+    from torch_ref import train as torch_train
+
+    train = flax_train.train if framework == "flax" else torch_train.train
+    history = train(short_config(tiny_idx_source, epochs=1, validation=128), tmp_path)
+    out = capsys.readouterr()
+    assert "Validation set: Average loss: " in out.out and "/128 (" in out.out
+    assert "Test set" not in out.out and "final validation accuracy" in out.out
+    assert "Epoch 1/1" in out.err and "/6 [" in out.err  # (512 - 128) // 64 steps
+    assert set(history[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "seconds"}
+    assert read_metrics(tmp_path / "metrics.jsonl") == history
+
+
+def test_validation_must_leave_images_to_train_on(tiny_idx_source, capsys):
+    assert flax_train.main(["--data-source", tiny_idx_source, "--validation", "512"]) == 2
+    assert "--validation 512 leaves none of the 512 training images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_the_moving_average_is_what_is_scored_saved_and_resumed(tiny_idx_source, tmp_path,
+                                                                monkeypatch, framework):
+    from flax_impl.predict import load_trained
+    from torch_ref import train as torch_train
+
+    module = flax_train if framework == "flax" else torch_train
+    config = short_config(tiny_idx_source, epochs=3, ema_decay=0.9, label_smoothing=0.1)
+    straight = module.train(config, tmp_path / "straight")
+    # What predict/evaluate load scores what training scored: the averaged weights.
+    log_probs, _ = load_trained(tmp_path / "straight")
+    data = synthetic_mnist(512, 200)  # the tiny source's digits
+    correct = int((np.asarray(log_probs(jnp.asarray(data.test_images))).argmax(-1)
+                   == data.test_labels).sum())
+    assert correct == round(straight[-1]["test_accuracy"] * 200)
+    without = module.train(dataclasses.replace(config, ema_decay=0.0))
+    assert without[-1]["test_loss"] != straight[-1]["test_loss"]
+    with monkeypatch.context() as patch:
+        crash_in_epoch(patch, module, 3)
+        with pytest.raises(KeyboardInterrupt):
+            module.train(config, tmp_path / "interrupted")
+    resumed = module.train(config, tmp_path / "interrupted", resume=True)
+    assert resumed[-1]["test_loss"] == straight[-1]["test_loss"]

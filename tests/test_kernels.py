@@ -77,7 +77,7 @@ def test_a_short_run_gives_equal_metrics_with_either_kernels():
         for epoch, first, last in core.chunk_plan(config.epochs, run.steps_per_epoch, 5):
             state, metrics = run.run_chunk(state, run.plan(epoch), first, last)
             losses += list(np.asarray(metrics["loss"]))
-        return np.array(losses), run.test(state)
+        return np.array(losses), run.score(state)
 
     (stock_losses, (stock_loss, stock_correct)), (fast_losses, (fast_loss, fast_correct)) = (
         run("stock"), run("fast"))

@@ -75,3 +75,9 @@ def test_parity_cli_names_a_file_that_is_no_torch_model(mnist, tmp_path, capsys)
     assert parity.main(["--torch-model", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot use {bad}") and len(err.splitlines()) == 1
+
+
+def test_loss_with_and_without_label_smoothing_agrees(mnist):
+    checks = parity.check_loss(mnist)
+    assert len(checks) == 2
+    assert_all_pass(checks)

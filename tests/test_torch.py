@@ -106,5 +106,5 @@ def test_auto_device_is_the_cpu_here_and_the_run_lives_on_it(tiny_idx_source, ca
     run = setup_training(Config(data_source=tiny_idx_source), load_mnist(tiny_idx_source))
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert run.device.type == expected
-    assert {t.device.type for t in (*run.train_data, *run.test_data)} == {expected}
+    assert {t.device.type for t in (*run.train_data, *run.eval_data)} == {expected}
     assert {p.device.type for p in run.model.parameters()} == {expected}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flax_impl.config import Config
 from torch_ref.augment import random_rotate
@@ -25,12 +26,27 @@ def create_optimizer(model: torch.nn.Module, config: Config, total_steps: int):
     return optimizer, scheduler
 
 
+def nll_loss(log_probs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+             ) -> torch.Tensor:
+    """Mean NLL of log-probabilities; with label smoothing, torch's own cross_entropy (its
+    log_softmax leaves log-probabilities unchanged)."""
+    if label_smoothing:
+        return F.cross_entropy(log_probs, labels, label_smoothing=label_smoothing)
+    return F.nll_loss(log_probs, labels)
+
+
+def create_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """The exponential moving average of `model`'s parameters; its BatchNorm statistics follow
+    the model's (use_buffers=False)."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
 def train_step(model, optimizer, scheduler, images, labels, config: Config,
                generator: torch.Generator) -> torch.Tensor:
     """One step on a uint8 batch: rotate, normalise, forward, backward, update. Returns the loss."""
     inputs = to_inputs(images, lambda pixels: random_rotate(pixels, config.max_rotation, generator),
                        dtype=next(model.parameters()).dtype)
-    loss = F.nll_loss(model(inputs), labels)
+    loss = nll_loss(model(inputs), labels, config.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -13,7 +13,7 @@ import torch
 
 from flax_impl.config import Config, ConfigError
 from flax_impl.data import Mnist
-from torch_ref.core import create_optimizer, evaluate, train_step
+from torch_ref.core import create_ema, create_optimizer, evaluate, train_step
 from torch_ref.model import create_model
 
 
@@ -30,8 +30,9 @@ class Setup:
     generator: torch.Generator
     device: torch.device
     steps_per_epoch: int
+    ema: torch.optim.swa_utils.AveragedModel | None  # the recipe's moving average, if any
     train_data: tuple[torch.Tensor, torch.Tensor]  # uint8 images, int64 labels
-    test_data: tuple[torch.Tensor, torch.Tensor]
+    eval_data: tuple[torch.Tensor, torch.Tensor]  # the test set, or the validation split
 
     def plan(self) -> torch.Tensor:
         """The next epoch's example order, drawn from the run's generator (once per epoch)."""
@@ -42,12 +43,20 @@ class Setup:
         self.model.train()
         batch = order[step * self.config.batch_size:(step + 1) * self.config.batch_size]
         images, labels = self.train_data
-        return train_step(self.model, self.optimizer, self.scheduler, images[batch],
+        loss = train_step(self.model, self.optimizer, self.scheduler, images[batch],
                           labels[batch], self.config, self.generator)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss
 
-    def test(self) -> tuple[float, int]:
-        """Mean test loss and number of correct test predictions."""
-        return evaluate(self.model, *self.test_data, self.config.eval_batch_size)
+    @property
+    def scored_model(self) -> torch.nn.Module:
+        """The model that is scored and saved: the moving average where the recipe keeps one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def score(self) -> tuple[float, int]:
+        """Mean loss and number of correct predictions on `eval_data`."""
+        return evaluate(self.scored_model, *self.eval_data, self.config.eval_batch_size)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,5 +93,6 @@ def setup_training(config: Config, data: Mnist, device: str = "auto") -> Setup:
     return Setup(
         config=config, model=model, optimizer=optimizer, scheduler=scheduler,
         generator=generator, device=device, steps_per_epoch=steps,
+        ema=create_ema(model, config.ema_decay) if config.ema_decay else None,
         train_data=on_device(data.train_images[:count], data.train_labels[:count]),
-        test_data=on_device(data.test_images, data.test_labels))
+        eval_data=on_device(*config.evaluation_set(data)))

@@ -43,6 +43,7 @@ def atomic_save(obj, path: Path) -> None:
 def save_checkpoint(path: Path, run: Setup, history: list[dict]) -> None:
     """Everything a resumed run needs after an epoch: weights, optimizer, schedule, generators."""
     atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
                  "scheduler": run.scheduler.state_dict(), "generator": run.generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "history": history,
                  **({"cuda_rng": torch.cuda.get_rng_state(run.device)}
@@ -61,6 +62,8 @@ def restore_checkpoint(path: Path, run: Setup) -> list[dict] | None:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"])
         run.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
         if run.device.type == "cuda" and "cuda_rng" in state:
@@ -80,7 +83,12 @@ def restore_state_dict(workdir: str | Path) -> dict:
     path = final if final.exists() else checkpoint
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        return saved if path == final else saved["model"]
+        if path == final:
+            return saved
+        if "ema" in saved:  # the scored weights: AveragedModel's, under "module."
+            return {k.removeprefix("module."): v for k, v in saved["ema"].items()
+                    if k.startswith("module.")}
+        return saved["model"]
     except Exception as error:  # torch raises many kinds for damaged or foreign files
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise WorkdirError(f"{path} is corrupt or not a torch_ref.train file ({reason})") from None
@@ -124,8 +132,9 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
                 bar.set_postfix_str(f"loss={loss_sum.item() / (step + 1):.4f}")
             if step == steps - 1:  # the epoch is done: evaluate, record, checkpoint
                 bar = bar.close()  # None
-                record_epoch(history, epoch, loss_sum.item() / steps, *run.test(),
-                             len(run.test_data[1]), time.perf_counter() - started)
+                record_epoch(history, epoch, loss_sum.item() / steps, *run.score(),
+                             len(run.eval_data[1]), time.perf_counter() - started,
+                             config.eval_split)
                 if checkpoint:
                     save_checkpoint(checkpoint, run, history)
                 write_epoch_files(workdir, history)
@@ -133,7 +142,7 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
         if bar is not None:
             bar.close()
     if workdir:
-        atomic_save(run.model.state_dict(), workdir / MODEL_FILE)
+        atomic_save(run.scored_model.state_dict(), workdir / MODEL_FILE)
     print(summary_line(history))
     return history
 
