@@ -110,12 +110,14 @@ def validate(config: Config) -> Config:
     if config.train_examples is not None and config.train_examples <= 0:
         raise ConfigError(f"--train-examples must be > 0, got {config.train_examples}")
     for name in ("lr", "weight_decay", "dropout", "max_rotation", "label_smoothing",
-                 "ema_decay"):  # NaN passes every comparison
+                 "ema_decay", "warmup_fraction"):  # NaN passes every comparison
         if not math.isfinite(getattr(config, name)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got "
                               f"{getattr(config, name)}")
     if config.lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {config.lr}")
+    if not 0 < config.warmup_fraction < 1:
+        raise ConfigError(f"--warmup-fraction must be in (0, 1), got {config.warmup_fraction}")
     if config.weight_decay < 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not 0 <= config.dropout < 1:
@@ -149,6 +151,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     recipe_flag("--epochs", type=int)
     recipe_flag("--batch-size", type=int)
     recipe_flag("--lr", "peak learning rate", type=float)
+    recipe_flag("--warmup-fraction", "the share of the steps spent warming up to the peak",
+                type=float)
     recipe_flag("--weight-decay", type=float)
     recipe_flag("--dropout", type=float)
     recipe_flag("--max-rotation", "random rotation range in degrees (0 disables augmentation)",

@@ -123,6 +123,8 @@ def test_workdir_of_another_run_is_refused_without_resume_or_overwrite(tiny_idx_
     (["--epochs", "0"], "--epochs must be > 0"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--warmup-fraction", "1"], "--warmup-fraction must be in (0, 1), got 1.0"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--batch-size", "1024"], "--batch-size 1024 is larger than the 512 training images"),
     (["--data-source", "nowhere"], "unknown data source 'nowhere'"),
