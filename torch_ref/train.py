@@ -122,7 +122,8 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
         for global_step in range(len(history) * steps, config.epochs * steps):
             epoch, step = global_step // steps + 1, global_step % steps
             if step == 0:  # an epoch starts
-                order, started, loss_sum = run.plan(), time.perf_counter(), torch.zeros(())
+                order, started = run.plan(), time.perf_counter()
+                loss_sum = torch.zeros((), device=run.device)
                 bar = epoch_bar(epoch, config.epochs, steps)
             loss_sum += run.run_step(order, step)
             bar.update()
