@@ -111,10 +111,15 @@ def update_ema(ema_params, params, decay: float, step: jax.Array):
                         ema_params, params)
 
 
+def example_nll(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
+    """Each example's negative log-likelihood of its label, (B,)."""
+    return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
 def nll_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Mean negative log-likelihood (torch's F.nll_loss); with `label_smoothing` e, torch's
     cross_entropy(label_smoothing=e): (1 - e) NLL + e * the mean over classes of -log p."""
-    nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+    nll = example_nll(log_probs, labels)
     if label_smoothing:
         nll = (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)
     return nll.mean()
@@ -178,7 +183,7 @@ def make_evaluate(model: nn.Module, batch_size: int, batch_sharding: NamedShardi
         def batch_totals(batch):
             images, labels, mask = jax.lax.with_sharding_constraint(batch, batch_sharding)
             log_probs = model.apply(variables, to_inputs(images), train=False)
-            losses = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), 1)[:, 0]
+            losses = example_nll(log_probs, labels)
             correct = log_probs.argmax(-1) == labels
             return jnp.sum(losses * mask), jnp.sum(correct & mask)
 

@@ -21,7 +21,7 @@ from flax_impl.data import DataError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
-SPLIT_NAMES = {"test": "Test set", "val": "Validation set"}
+SPLIT_NAMES = {"test": "test", "val": "validation"}  # a metric's prefix -> its set's name
 
 
 def eval_split(record: dict) -> str:
@@ -39,6 +39,11 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to one line (its type's name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
 def diverged(loss: float, epoch: int, steps: str) -> TrainingStopped:
@@ -74,7 +79,7 @@ def epoch_bar(epoch: int, epochs: int, steps: int, done: int = 0) -> tqdm:
 def evaluation_line(loss: float, correct: int, total: int, split: str = "test") -> str:
     """The seed notebook's line: 'Test set: Average loss: 0.0165, Accuracy: 9945/10000 (99.45%)'
     ('Validation set: ...' for the validation split)."""
-    return (f"{SPLIT_NAMES[split]}: Average loss: {loss:.4f}, "
+    return (f"{SPLIT_NAMES[split].capitalize()} set: Average loss: {loss:.4f}, "
             f"Accuracy: {correct}/{total} ({100.0 * correct / total:.2f}%)")
 
 
@@ -82,12 +87,12 @@ def summary_line(history: list[dict]) -> str:
     """One line summing up a finished run."""
     if not history:
         return "Done: no epoch to run"
-    key = f"{eval_split(history[-1])}_accuracy"
+    split = eval_split(history[-1])
+    key = f"{split}_accuracy"
     last, best = history[-1], max(history, key=lambda m: m[key])
     minutes = sum(m["seconds"] for m in history) / 60
-    name = "test" if key == "test_accuracy" else "validation"
-    return (f"Done: {len(history)} epochs in {minutes:.1f} min; final {name} accuracy "
-            f"{100 * last[key]:.2f}% (best {100 * best[key]:.2f}% at epoch {best['epoch']})")
+    return (f"Done: {len(history)} epochs in {minutes:.1f} min; final {SPLIT_NAMES[split]} "
+            f"accuracy {100 * last[key]:.2f}% (best {100 * best[key]:.2f}% at epoch {best['epoch']})")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -196,7 +201,7 @@ def write_curves(workdir: Path, history: list[dict]) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     epochs, split = [m["epoch"] for m in history], eval_split(history[-1])
-    name = "test" if split == "test" else "validation"
+    name = SPLIT_NAMES[split]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
     loss_axis.plot(epochs, [m[f"{split}_loss"] for m in history], "o-", label=name)

@@ -35,6 +35,7 @@ from flax_impl.reporting import (
     WorkdirError,
     diverged,
     epoch_bar,
+    first_line,
     load_config,
     prepare_workdir,
     record_epoch,
@@ -88,9 +89,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
     except Exception as error:  # orbax/tensorstore raise many kinds for damaged files
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise WorkdirError(f"checkpoint {manager.directory / str(step)} is corrupt or partial "
-                           f"({reason}); delete it to use the previous one, or --overwrite") from None
+                           f"({first_line(error)}); delete it to use the previous one, or "
+                           f"--overwrite") from None
     return restored.state, Progress(**restored.progress)
 
 

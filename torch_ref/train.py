@@ -22,6 +22,7 @@ from flax_impl.reporting import (
     WorkdirError,
     diverged,
     epoch_bar,
+    first_line,
     prepare_workdir,
     record_epoch,
     run_command,
@@ -69,9 +70,8 @@ def restore_checkpoint(path: Path, run: Setup) -> list[dict] | None:
         if run.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], run.device)
     except Exception as error:  # torch raises many kinds for damaged or foreign files
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise WorkdirError(f"checkpoint {path} is corrupt or not this run's ({reason}); delete "
-                           f"it or --overwrite") from None
+        raise WorkdirError(f"checkpoint {path} is corrupt or not this run's "
+                           f"({first_line(error)}); delete it or --overwrite") from None
     return state["history"]
 
 
@@ -90,8 +90,8 @@ def restore_state_dict(workdir: str | Path) -> dict:
                     if k.startswith("module.")}
         return saved["model"]
     except Exception as error:  # torch raises many kinds for damaged or foreign files
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise WorkdirError(f"{path} is corrupt or not a torch_ref.train file ({reason})") from None
+        raise WorkdirError(f"{path} is corrupt or not a torch_ref.train file "
+                           f"({first_line(error)})") from None
 
 
 def resume_point(run: Setup, path: Path | None) -> list[dict]:
