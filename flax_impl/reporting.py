@@ -6,8 +6,10 @@ differ only in framework code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -56,8 +58,8 @@ def diverged(loss: float, epoch: int, steps: str) -> TrainingStopped:
 def run_command(body: Callable[[], object]) -> int:
     """Run a command's body; its one-line errors become a message on stderr and an exit status.
 
-    Bad flags, data or workdirs: 2. TrainingStopped: its own status (3 for a NaN loss, 128 +
-    the signal's number for SIGINT/SIGTERM).
+    Bad flags, data or workdirs: 2. TrainingStopped: its own status (3 for a NaN loss, 4 for a
+    lost process of a multi-process run, 128 + the signal's number for SIGINT/SIGTERM).
     """
     try:
         body()
@@ -65,15 +67,47 @@ def run_command(body: Callable[[], object]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        print(f"error: {stopped}" if stopped.exit_code == 3 else str(stopped), file=sys.stderr)
+        # A signal's stop is no error: it saved a checkpoint to resume from.
+        print(str(stopped) if stopped.exit_code >= 128 else f"error: {stopped}", file=sys.stderr)
         return stopped.exit_code
     return 0
 
 
-def epoch_bar(epoch: int, epochs: int, steps: int, done: int = 0) -> tqdm:
-    """The per-epoch progress bar, starting at `done` steps; `set_postfix_str` the running loss."""
+LOST_PEER_EXIT = 4
+
+
+@contextlib.contextmanager
+def peers_watched(who: str | None):
+    """In a multi-process run (`who`: this process, e.g. "rank 0 of 2"; None for a single one),
+    a failed collective, i.e. another process died or stopped, becomes a one-line
+    TrainingStopped (exit status 4) instead of a traceback."""
+    try:
+        yield
+    except (ConfigError, DataError, WorkdirError, TrainingStopped):
+        raise
+    except (RuntimeError, ValueError) as error:  # what jax and torch raise when one fails
+        if who is None:
+            raise
+        raise TrainingStopped(
+            f"{who}: a collective failed ({first_line(error)}); another process has died or "
+            f"stopped, so this one stops too; restart all of them with --resume",
+            exit_code=LOST_PEER_EXIT) from None
+
+
+def exit_at_once(exit_code: int) -> None:
+    """Flush and end the process with `exit_code`, skipping exit hooks: after a failure in a
+    multi-process run, the frameworks' hooks would wait for peers that may be dead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
+def epoch_bar(epoch: int, epochs: int, steps: int, done: int = 0, disable: bool = False) -> tqdm:
+    """The per-epoch progress bar, starting at `done` steps; `set_postfix_str` the running loss.
+
+    `disable`: a bar that shows nothing (the processes of a multi-process run but the first)."""
     return tqdm(total=steps, initial=done, desc=f"Epoch {epoch}/{epochs}", unit="step",
-                leave=True, dynamic_ncols=True, mininterval=0.5)
+                leave=True, dynamic_ncols=True, mininterval=0.5, disable=disable)
 
 
 def evaluation_line(loss: float, correct: int, total: int, split: str = "test") -> str:
@@ -117,45 +151,80 @@ def write_epoch_files(workdir: Path | None, history: list[dict]) -> None:
 
 
 def prepare_workdir(workdir: Path, config: Config, framework: str, resume: bool,
-                    overwrite: bool, checkpoint: str) -> list[dict]:
-    """Create `workdir` for `config`; return the metrics of the epochs already done.
+                    overwrite: bool, checkpoint: str, primary: bool = True,
+                    barrier: Callable[[], None] = lambda: None) -> None:
+    """`check_workdir`, then `create_workdir` for a fresh run.
+
+    In a multi-process run every process checks and the `primary` one alone creates; `barrier`
+    (wait for all processes) keeps it from changing the workdir while another still reads it.
+    """
+    fresh = check_workdir(workdir, config, framework, resume, overwrite)
+    barrier()
+    if fresh and primary:
+        create_workdir(workdir, config, framework, checkpoint)
+    barrier()
+
+
+@contextlib.contextmanager
+def printing(enabled: bool):
+    """Print as usual inside, or (`enabled` false: the processes of a multi-process run but
+    the first) print nothing to stdout."""
+    if enabled:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+def config_record(config: Config, framework: str) -> dict:
+    """What a workdir's config.json holds: the Config's fields and "framework"."""
+    return {"framework": framework, **json.loads(config.to_json())}
+
+
+def check_workdir(workdir: Path, config: Config, framework: str, resume: bool,
+                  overwrite: bool) -> bool:
+    """Whether `workdir` is to be created afresh for `config` (True) or holds its run to resume.
 
     A workdir holding another run is refused unless `resume` (same config only) or `overwrite`.
-    A fresh run removes `workdir/checkpoint` (a file or directory): no checkpoint of an earlier
-    run may survive into it.
+    Reads only: in a multi-process run every process checks, then one creates.
     """
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"--workdir {workdir} is a file; name a directory")
-    record = {"framework": framework, **json.loads(config.to_json())}
     config_path = workdir / CONFIG_FILE
-    metrics_path = workdir / METRICS_FILE
-    if config_path.exists() and not overwrite:
-        try:
-            existing = json.loads(config_path.read_text())
-        except json.JSONDecodeError:
-            raise WorkdirError(f"{config_path} is not valid JSON; use --overwrite") from None
-        if not resume:
-            raise WorkdirError(
-                f"{workdir} already holds a run; pass --resume to continue it or --overwrite "
-                f"to replace it"
-            )
-        if existing != record:
-            changed = sorted(k for k in record.keys() | existing.keys()
-                             if record.get(k) != existing.get(k))
-            raise WorkdirError(
-                f"--resume: {workdir} holds a run with a different config ({', '.join(changed)}); "
-                f"use the same flags or --overwrite"
-            )
-        return read_metrics(metrics_path)
+    if not config_path.exists() or overwrite:
+        return True
+    try:
+        existing = json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        raise WorkdirError(f"{config_path} is not valid JSON; use --overwrite") from None
+    if not resume:
+        raise WorkdirError(
+            f"{workdir} already holds a run; pass --resume to continue it or --overwrite "
+            f"to replace it"
+        )
+    record = config_record(config, framework)
+    if existing != record:
+        changed = sorted(k for k in record.keys() | existing.keys()
+                         if record.get(k) != existing.get(k))
+        raise WorkdirError(
+            f"--resume: {workdir} holds a run with a different config ({', '.join(changed)}); "
+            f"use the same flags or --overwrite"
+        )
+    return False
+
+
+def create_workdir(workdir: Path, config: Config, framework: str, checkpoint: str) -> None:
+    """Create `workdir` for a fresh run of `config`: config.json, and no metrics or checkpoint
+    (`workdir/checkpoint`, a file or directory) of an earlier run."""
     workdir.mkdir(parents=True, exist_ok=True)
-    metrics_path.unlink(missing_ok=True)
+    (workdir / METRICS_FILE).unlink(missing_ok=True)
     stale = workdir / checkpoint
     if stale.is_dir():
         shutil.rmtree(stale)
     else:
         stale.unlink(missing_ok=True)
-    atomic_write_text(config_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return []
+    atomic_write_text(workdir / CONFIG_FILE,
+                      json.dumps(config_record(config, framework), indent=2, sort_keys=True) + "\n")
 
 
 def workdir_record(workdir: str | Path) -> dict:

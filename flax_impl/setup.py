@@ -2,9 +2,10 @@
 
 Builds the model with its kernels, the initial state, the jitted chunk and evaluation of
 `flax_impl.core`, the shardings and the device-resident dataset, data-parallel over a 1-D `data`
-mesh of all local devices: batches are split along it, the state and the dataset are replicated;
-one device is a mesh of one. Training (`flax_impl.train`), `compare.speed` and `compare.parity`
-all start here, so the benchmark times what training runs.
+mesh of all devices (every process's, in a multi-process run): the batches' example indices are
+split along it, so each device gathers and computes its own rows of every batch; the state and
+the dataset are replicated. One device is a mesh of one. Training (`flax_impl.train`),
+`compare.speed` and `compare.parity` all start here, so the benchmark times what training runs.
 """
 
 from __future__ import annotations
@@ -52,15 +53,17 @@ class Setup:
     steps_per_call: int
     train_step: Callable  # pure; `train_chunk` scans it
     train_chunk: Callable
+    epoch_plan: Callable  # `core.epoch_plan`, jitted to lay the plan out over the mesh
     evaluate: Callable
     train_data: tuple[jax.Array, jax.Array]  # uint8 images and labels, replicated
     eval_data: tuple[jax.Array, jax.Array]  # the test set, or the validation split
     replicated: NamedSharding
 
     def plan(self, epoch: int):
-        """`epoch_plan` of this run's `epoch`: (indices (steps, B), keys (steps,))."""
-        return epoch_plan(self.key, epoch, len(self.train_data[1]), self.steps_per_epoch,
-                          self.config.batch_size)
+        """`epoch_plan` of this run's `epoch`: (indices (steps, B), keys (steps,)), the indices
+        split over the mesh along B."""
+        return self.epoch_plan(self.key, epoch, len(self.train_data[1]), self.steps_per_epoch,
+                               self.config.batch_size)
 
     def run_chunk(self, state: TrainState, plan, first: int, stop: int):
         """Steps `first` to `stop` of an epoch's `plan` in one call: (state, {"loss": (K,)})."""
@@ -75,7 +78,7 @@ class Setup:
 
 def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
                    kernels: str | Kernels = "auto", steps_per_call: int | None = None) -> Setup:
-    """Build `config`'s run on `devices` (default: all local ones) with `kernels`.
+    """Build `config`'s run on `devices` (default: all of them, every process's) with `kernels`.
 
     `steps_per_call` train steps run per jitted call (default: `default_steps_per_call()`).
     """
@@ -89,6 +92,7 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
         raise ConfigError(f"--batch-size {config.batch_size} and the eval batch size must "
                           f"divide evenly over {mesh.size} devices")
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    rows = NamedSharding(mesh, P(None, "data"))  # each device gets its share of a batch's rows
     kernels = get_kernels(kernels)
     model = create_model(config.model, config.dropout, kernels)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
@@ -104,4 +108,5 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
         train_data=jax.device_put((data.train_images[:count], data.train_labels[:count]),
                                   replicated),
         eval_data=jax.device_put(config.evaluation_set(data), replicated),
+        epoch_plan=jax.jit(epoch_plan, static_argnums=(2, 3, 4), out_shardings=(rows, replicated)),
         replicated=replicated)

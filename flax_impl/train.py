@@ -2,7 +2,8 @@
 
 The run layer around the functional core (`flax_impl.core`, set up by `flax_impl.setup`): one
 loop over jitted chunks of steps with periodic actions (progress bar, evaluation, checkpoint),
-the workdir, Orbax checkpoints, stopping cleanly on SIGINT/SIGTERM, and the command line.
+the workdir, Orbax checkpoints, stopping cleanly on SIGINT/SIGTERM, and the command line; on one
+process or several (`flax_impl.distributed`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from flax_impl import distributed
 from flax_impl.config import Config, ConfigError, build_parser, config_from_args
 from flax_impl.core import (
     TrainState,
@@ -37,7 +39,9 @@ from flax_impl.reporting import (
     epoch_bar,
     first_line,
     load_config,
+    peers_watched,
     prepare_workdir,
+    printing,
     record_epoch,
     run_command,
     summary_line,
@@ -161,20 +165,39 @@ def resume_point(run: Setup, manager: ocp.CheckpointManager | None
 def train(config: Config, workdir: Path | None = None, resume: bool = False,
           overwrite: bool = False, steps_per_call: int | None = None,
           devices: list | None = None, kernels: str = "auto") -> list[dict]:
-    """Train `config` on `devices` (default: all local ones); print the seed-style log; return the
-    per-epoch metrics.
+    """Train `config` on `devices` (default: all of them, every process's); print the seed-style
+    log; return the per-epoch metrics.
 
     With a workdir, a checkpoint is saved after every epoch and when SIGINT/SIGTERM asks to stop
     (raising TrainingStopped after saving); a NaN/inf loss raises TrainingStopped at once, leaving
     the last good checkpoint. `resume` continues from the latest checkpoint, mid-epoch included.
+    In a multi-process run, process 0 alone prints and writes the workdir's files.
     """
-    if workdir:
-        prepare_workdir(workdir, config, "flax", resume, overwrite, CHECKPOINT_DIR)
-    run = setup_training(config, load_mnist(config.data_source), devices=devices,
-                         kernels=kernels, steps_per_call=steps_per_call)
-    print(f"Flax on {run.replicated.mesh.size} {jax.default_backend()} device(s), "
-          f"{resolve(kernels)} kernels, {run.steps_per_call} step(s) per jitted call")
-    steps, manager = run.steps_per_epoch, checkpoint_manager(workdir) if workdir else None
+    primary = distributed.is_primary()
+    with printing(primary):
+        if workdir:
+            prepare_workdir(workdir, config, "flax", resume, overwrite, CHECKPOINT_DIR, primary,
+                            lambda: distributed.barrier("workdir"))
+        run = setup_training(config, load_mnist(config.data_source), devices=devices,
+                             kernels=kernels, steps_per_call=steps_per_call)
+        processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        print(f"Flax on {run.replicated.mesh.size} {jax.default_backend()} device(s){processes}, "
+              f"{resolve(kernels)} kernels, {run.steps_per_call} step(s) per jitted call")
+        manager = checkpoint_manager(workdir) if workdir else None
+        try:
+            history = train_loop(run, manager, resume, files=workdir if primary else None)
+        finally:
+            if manager:
+                manager.close()
+        print(summary_line(history))
+    return history
+
+
+def train_loop(run: Setup, manager: ocp.CheckpointManager | None, resume: bool,
+               files: Path | None) -> list[dict]:
+    """Run `run` to its last epoch (from the latest checkpoint if `resume`), checkpointing with
+    `manager` and writing the epoch files to `files`; the per-epoch metrics."""
+    config, steps = run.config, run.steps_per_epoch
     state, progress = resume_point(run, manager) if resume else (run.state, Progress())
     bar = None
     try:
@@ -183,11 +206,15 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
                                                  progress.epoch, progress.step):
                 if bar is None:  # an epoch starts (or resumes)
                     plan, started = run.plan(epoch), time.perf_counter()
-                    bar = epoch_bar(epoch, config.epochs, steps, first)
-                if stop.signal is not None:
-                    raise stopped_by(stop.signal, manager, state, progress)
+                    bar = epoch_bar(epoch, config.epochs, steps, first,
+                                    disable=not distributed.is_primary())
+                # Processes agree (a collective) so that all stop at the same chunk; one that got
+                # no signal itself reports SIGTERM.
+                if distributed.any_process(stop.signal is not None):
+                    raise stopped_by(stop.signal or signal.SIGTERM, manager, state, progress)
                 state, metrics = run.run_chunk(state, plan, first, last)
-                chunk_loss = float(metrics["loss"].sum())  # the only host sync per chunk
+                # The only host sync per chunk.
+                chunk_loss = float(metrics["loss"].sum())
                 if not math.isfinite(chunk_loss):
                     raise diverged(chunk_loss, epoch, f"{first + 1}-{last}")
                 progress = dataclasses.replace(progress, epoch=epoch, step=last,
@@ -201,13 +228,10 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
                                  time.perf_counter() - started, config.eval_split)
                     progress = Progress(epoch + 1, 0, 0.0, progress.history)
                     save_checkpoint(manager, state, progress)
-                    write_epoch_files(workdir, progress.history)
+                    write_epoch_files(files, progress.history)
     finally:
         if bar is not None:
             bar.close()
-        if manager:
-            manager.close()
-    print(summary_line(progress.history))
     return progress.history
 
 
@@ -220,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="auto", choices=KERNELS,
                         help="stock: nn.Conv, nn.max_pool, gather rotation; fast: the CPU "
                              "kernels of flax_impl.fast; auto: fast on CPU, stock elsewhere")
+    distributed.add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax"):
@@ -229,10 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if args.steps_per_call is not None and args.steps_per_call <= 0:
             raise ConfigError(f"--steps-per-call must be > 0, got {args.steps_per_call}")
-        train(config, args.workdir, args.resume, args.overwrite, args.steps_per_call,
-              kernels=args.kernels)
+        distributed.initialize(distributed.cluster_from_args(args))
+        with peers_watched(distributed.describe()):
+            train(config, args.workdir, args.resume, args.overwrite, args.steps_per_call,
+                  kernels=args.kernels)
 
-    return run_command(body)
+    return distributed.leave(run_command(body))
 
 
 if __name__ == "__main__":

@@ -57,10 +57,10 @@ def crash_in_epoch(monkeypatch, train_module, epoch: int) -> None:
     """Make `train_module.train` die with KeyboardInterrupt as `epoch` starts (a crash)."""
     real_bar = train_module.epoch_bar
 
-    def bar(current, epochs, steps, done=0):
+    def bar(current, epochs, steps, done=0, **kwargs):
         if current == epoch:
             raise KeyboardInterrupt
-        return real_bar(current, epochs, steps, done)
+        return real_bar(current, epochs, steps, done, **kwargs)
 
     monkeypatch.setattr(train_module, "epoch_bar", bar)
 

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
 import json, sys
-import flax_impl.atomic, flax_impl.config, flax_impl.data, flax_impl.reporting
+import flax_impl.atomic, flax_impl.config, flax_impl.data, flax_impl.rendezvous, flax_impl.reporting
 print(json.dumps(sorted(m for m in ("jax", "torch", "flax", "optax") if m in sys.modules)))
 """
 

@@ -24,13 +24,17 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator
-                  ) -> torch.Tensor:
+def random_rotate(images: torch.Tensor, max_degrees: float, generator: torch.Generator,
+                  part: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees].
 
-    The angles come from `generator` (a CPU one: the same angles on every device).
+    The angles come from `generator` (a CPU one: the same angles on every device). `part` (i, n):
+    the images are part i of n equal parts of a batch (one rank's share); the angles of the whole
+    batch are drawn and part i's kept, so that n ranks rotate as one process would.
     """
     if max_degrees == 0:
         return images
-    degrees = (torch.rand(len(images), generator=generator) * 2 - 1).to(images.device) * max_degrees
-    return rotate(images, degrees)
+    index, parts = part
+    drawn = torch.rand(len(images) * parts, generator=generator)
+    degrees = (drawn[index * len(images):(index + 1) * len(images)] * 2 - 1).to(images.device)
+    return rotate(images, degrees * max_degrees)

@@ -42,9 +42,13 @@ def create_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
 
 
 def train_step(model, optimizer, scheduler, images, labels, config: Config,
-               generator: torch.Generator) -> torch.Tensor:
-    """One step on a uint8 batch: rotate, normalise, forward, backward, update. Returns the loss."""
-    inputs = to_inputs(images, lambda pixels: random_rotate(pixels, config.max_rotation, generator),
+               generator: torch.Generator, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """One step on a uint8 batch: rotate, normalise, forward, backward, update. Returns the loss.
+
+    `part` (i, n): the batch is rank i's share of a global batch of n ranks (`random_rotate`).
+    """
+    inputs = to_inputs(images, lambda pixels: random_rotate(pixels, config.max_rotation,
+                                                            generator, part),
                        dtype=next(model.parameters()).dtype)
     loss = nll_loss(model(inputs), labels, config.label_smoothing)
     optimizer.zero_grad(set_to_none=True)

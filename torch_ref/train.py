@@ -2,7 +2,8 @@
 
 The run layer around `torch_ref.core` (set up by `torch_ref.setup`), mirroring
 `flax_impl.train`: one loop over steps with periodic actions (progress bar, evaluation,
-checkpoint), the workdir and the command line.
+checkpoint), the workdir and the command line; on one process or, under torchrun, several
+(`torch_ref.distributed`).
 """
 
 from __future__ import annotations
@@ -16,20 +17,23 @@ from pathlib import Path
 import torch
 
 from flax_impl.atomic import atomic_write
-from flax_impl.config import Config, build_parser, config_from_args
+from flax_impl.config import Config, ConfigError, build_parser, config_from_args
 from flax_impl.data import load_mnist
 from flax_impl.reporting import (
     WorkdirError,
     diverged,
     epoch_bar,
     first_line,
+    peers_watched,
     prepare_workdir,
+    printing,
     record_epoch,
     run_command,
     summary_line,
     write_epoch_files,
 )
-from torch_ref.setup import DEVICES, Setup, setup_training
+from torch_ref import distributed
+from torch_ref.setup import DEVICES, Setup, resolve_device, setup_training
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -42,13 +46,27 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, run: Setup, history: list[dict]) -> None:
-    """Everything a resumed run needs after an epoch: weights, optimizer, schedule, generators."""
+    """Everything a resumed run needs after an epoch: weights, optimizer, schedule, generators
+    (dropout's of every rank). Every rank calls it; rank 0 writes."""
+    torch_rngs = run.group.gather(torch.get_rng_state())
+    cuda_rngs = run.group.gather(torch.cuda.get_rng_state(run.device)
+                                 if run.device.type == "cuda" else None)
+    if not run.group.primary:
+        return
     atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                  **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
                  "scheduler": run.scheduler.state_dict(), "generator": run.generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "history": history,
-                 **({"cuda_rng": torch.cuda.get_rng_state(run.device)}
-                    if run.device.type == "cuda" else {})}, path)
+                 "torch_rng": torch_rngs[0], "history": history,
+                 **({"torch_rngs": torch_rngs} if run.group.world_size > 1 else {}),
+                 **({"cuda_rng": cuda_rngs[0]} if run.device.type == "cuda" else {}),
+                 **({"cuda_rngs": cuda_rngs}
+                    if run.device.type == "cuda" and run.group.world_size > 1 else {})}, path)
+
+
+def rank_state(state: dict, name: str, rank: int) -> torch.Tensor | None:
+    """A generator state of `rank` saved as `name` (all ranks' under `name + "s"`)."""
+    per_rank = state.get(name + "s") or [state.get(name)]
+    return per_rank[rank] if rank < len(per_rank) else None
 
 
 def restore_checkpoint(path: Path, run: Setup) -> list[dict] | None:
@@ -66,9 +84,12 @@ def restore_checkpoint(path: Path, run: Setup) -> list[dict] | None:
         if run.ema is not None:
             run.ema.load_state_dict(state["ema"])
         run.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
-        if run.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], run.device)
+        # Dropout draws from the global generators; a rank the run did not have keeps its own.
+        if (torch_rng := rank_state(state, "torch_rng", run.group.rank)) is not None:
+            torch.set_rng_state(torch_rng)
+        if run.device.type == "cuda":
+            if (cuda_rng := rank_state(state, "cuda_rng", run.group.rank)) is not None:
+                torch.cuda.set_rng_state(cuda_rng, run.device)
     except Exception as error:  # torch raises many kinds for damaged or foreign files
         raise WorkdirError(f"checkpoint {path} is corrupt or not this run's "
                            f"({first_line(error)}); delete it or --overwrite") from None
@@ -105,17 +126,34 @@ def resume_point(run: Setup, path: Path | None) -> list[dict]:
 
 
 def train(config: Config, workdir: Path | None = None, resume: bool = False,
-          overwrite: bool = False, device: str = "auto") -> list[dict]:
-    """Train `config` on `device`; print the seed-style log; return the per-epoch metrics.
+          overwrite: bool = False, device: str = "auto",
+          group: distributed.Group = distributed.SINGLE) -> list[dict]:
+    """Train `config` on `device`, as rank `group.rank` of `group.world_size` processes; print
+    the seed-style log; return the per-epoch metrics.
 
     With a workdir, a checkpoint is saved after every epoch and the final weights in model.pt;
     `resume` continues after the last finished epoch. A NaN/inf loss raises TrainingStopped.
+    In a multi-process run, rank 0 alone prints and writes the workdir's files.
     """
-    if workdir:
-        prepare_workdir(workdir, config, "torch", resume, overwrite, CHECKPOINT_FILE)
-    run = setup_training(config, load_mnist(config.data_source), device)
-    print(f"PyTorch on {run.device}")
-    steps, checkpoint = run.steps_per_epoch, workdir / CHECKPOINT_FILE if workdir else None
+    with printing(group.primary):
+        if workdir:
+            prepare_workdir(workdir, config, "torch", resume, overwrite, CHECKPOINT_FILE,
+                            group.primary, group.barrier)
+        run = setup_training(config, load_mnist(config.data_source), device, group)
+        ranks = f" x {group.world_size} processes" if group.world_size > 1 else ""
+        print(f"PyTorch on {run.device}{ranks}")
+        history = train_loop(run, workdir, resume)
+        if workdir and group.primary:
+            atomic_save(run.scored_model.state_dict(), workdir / MODEL_FILE)
+        print(summary_line(history))
+    return history
+
+
+def train_loop(run: Setup, workdir: Path | None, resume: bool) -> list[dict]:
+    """Run `run` to its last epoch (after the checkpoint in `workdir` if `resume`); the
+    per-epoch metrics."""
+    config, steps, group = run.config, run.steps_per_epoch, run.group
+    checkpoint = workdir / CHECKPOINT_FILE if workdir else None
     history = resume_point(run, checkpoint) if resume else []
     bar = None
     try:
@@ -124,27 +162,25 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
             if step == 0:  # an epoch starts
                 order, started = run.plan(), time.perf_counter()
                 loss_sum = torch.zeros((), device=run.device)
-                bar = epoch_bar(epoch, config.epochs, steps)
+                bar = epoch_bar(epoch, config.epochs, steps, disable=not group.primary)
             loss_sum += run.run_step(order, step)
             bar.update()
-            if step % BAR_EVERY == 0 or step == steps - 1:  # a host sync
-                if not math.isfinite(loss_sum.item()):
-                    raise diverged(loss_sum.item(), epoch, f"1-{step + 1}")
-                bar.set_postfix_str(f"loss={loss_sum.item() / (step + 1):.4f}")
+            if step % BAR_EVERY == 0 or step == steps - 1:  # a host sync (and a collective)
+                mean_loss = group.sum([loss_sum.item()])[0] / group.world_size / (step + 1)
+                if not math.isfinite(mean_loss):
+                    raise diverged(mean_loss, epoch, f"1-{step + 1}")
+                bar.set_postfix_str(f"loss={mean_loss:.4f}")
             if step == steps - 1:  # the epoch is done: evaluate, record, checkpoint
                 bar = bar.close()  # None
-                record_epoch(history, epoch, loss_sum.item() / steps, *run.score(),
+                record_epoch(history, epoch, mean_loss, *run.score(),
                              len(run.eval_data[1]), time.perf_counter() - started,
                              config.eval_split)
                 if checkpoint:
                     save_checkpoint(checkpoint, run, history)
-                write_epoch_files(workdir, history)
+                write_epoch_files(workdir if group.primary else None, history)
     finally:
         if bar is not None:
             bar.close()
-    if workdir:
-        atomic_save(run.scored_model.state_dict(), workdir / MODEL_FILE)
-    print(summary_line(history))
     return history
 
 
@@ -153,10 +189,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser("python -m torch_ref.train", __doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="auto: CUDA where torch sees a GPU, else the CPU")
+    parser.add_argument("--distributed-timeout", type=int, default=distributed.DEFAULT_TIMEOUT,
+                        metavar="SECONDS",
+                        help="under torchrun: how long to wait for all ranks to join, and for "
+                             "each collective")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_command(lambda: train(config_from_args(args), args.workdir, args.resume,
-                                     args.overwrite, args.device))
+    group = distributed.SINGLE
+
+    def body():
+        nonlocal group
+        config = config_from_args(args)
+        if args.distributed_timeout <= 0:
+            raise ConfigError(f"--distributed-timeout must be > 0, got "
+                              f"{args.distributed_timeout}")
+        group = distributed.join_from_env(resolve_device(args.device), args.distributed_timeout)
+        with peers_watched(group.name):
+            train(config, args.workdir, args.resume, args.overwrite, args.device, group)
+
+    return distributed.leave(run_command(body))
 
 
 if __name__ == "__main__":

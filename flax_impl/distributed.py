@@ -1,0 +1,147 @@
+"""Training on several processes with `jax.distributed`: the flags, start-up and failures.
+
+Every process runs `python -m flax_impl.train` with the same flags plus its own
+`--process-id` (or lets jax.distributed detect them on SLURM, a TPU pod, Open MPI). After
+`initialize`, `jax.devices()` lists all processes' devices and the run's mesh spans them
+(`flax_impl.setup`): each process computes its own rows of every batch, the collectives (gloo
+on CPU) join them. Process 0 alone prints and writes the workdir; Orbax saves and restores the
+checkpoints with all processes taking part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from flax_impl.config import ConfigError
+from flax_impl.rendezvous import wait_for_coordinator
+from flax_impl.reporting import exit_at_once, first_line
+
+DEFAULT_TIMEOUT = 120  # seconds
+
+
+class DistributedError(ConfigError):
+    """The processes could not start together (one line: what is wrong and what to check)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """How this process joins a multi-process run; all None and not `detect`: a single process."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    detect: bool = False  # let jax.distributed find the rest in the environment (SLURM, TPU, MPI)
+    timeout: int = DEFAULT_TIMEOUT
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process is to join a multi-process run."""
+        return self.detect or any(value is not None for value in (
+            self.coordinator_address, self.num_processes, self.process_id))
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The multi-process flags of `python -m flax_impl.train`."""
+    group = parser.add_argument_group(
+        "multi-process (jax.distributed)",
+        "start one process per host with the same flags and its own --process-id; the workdir "
+        "must be on a filesystem all of them share")
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address, where the others join it")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run, with what the flags above leave out "
+                            "detected from the cluster (SLURM, a Cloud TPU pod, Open MPI)")
+    group.add_argument("--distributed-timeout", type=int, default=DEFAULT_TIMEOUT,
+                       metavar="SECONDS",
+                       help="how long to wait for all processes to join, and for a silent one "
+                            "before the others stop")
+
+
+def cluster_from_args(args: argparse.Namespace) -> Cluster:
+    """The validated Cluster the parsed flags describe."""
+    cluster = Cluster(args.coordinator_address, args.num_processes, args.process_id,
+                      args.distributed, args.distributed_timeout)
+    if cluster.timeout <= 0:
+        raise ConfigError(f"--distributed-timeout must be > 0, got {cluster.timeout}")
+    if cluster.num_processes is not None and cluster.num_processes <= 0:
+        raise ConfigError(f"--num-processes must be > 0, got {cluster.num_processes}")
+    if cluster.process_id is not None and not (
+            0 <= cluster.process_id < (cluster.num_processes or sys.maxsize)):
+        raise ConfigError(f"--process-id must be in 0..{(cluster.num_processes or 0) - 1} "
+                          f"(--num-processes {cluster.num_processes}), got {cluster.process_id}")
+    address = cluster.coordinator_address
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--coordinator-address must be HOST:PORT, got {address!r}")
+    return cluster
+
+
+def initialize(cluster: Cluster) -> None:
+    """Join the multi-process run `cluster` asks for (nothing for a single process).
+
+    Blocks until all processes have joined; DistributedError after `cluster.timeout` seconds.
+    """
+    if not cluster.requested:
+        return
+    if cluster.coordinator_address and cluster.process_id:  # process 0 starts the coordinator
+        host, _, port = cluster.coordinator_address.rpartition(":")
+        if error := wait_for_coordinator(host, int(port), cluster.timeout):
+            raise DistributedError(
+                f"cannot reach the coordinator at {cluster.coordinator_address} within "
+                f"{cluster.timeout} s ({error}); start process 0 there, or fix "
+                f"--coordinator-address")
+    try:
+        jax.distributed.initialize(
+            cluster.coordinator_address, cluster.num_processes, cluster.process_id,
+            initialization_timeout=cluster.timeout, heartbeat_timeout_seconds=cluster.timeout)
+    except Exception as error:  # jax raises ValueError, RuntimeError or its own for these
+        if cluster.coordinator_address is None and "coordinator_address" in str(error):
+            raise DistributedError(
+                "--distributed: found no cluster to join (SLURM, a Cloud TPU pod, Open MPI); "
+                "give --coordinator-address, --num-processes and --process-id") from None
+        raise DistributedError(
+            f"jax.distributed.initialize failed ({first_line(error)}); check that every "
+            f"process runs with the same --coordinator-address and --num-processes, a "
+            f"distinct --process-id, and that process 0 is reachable") from None
+
+
+def is_primary() -> bool:
+    """Whether this process prints and writes the workdir (process 0)."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (a collective: all processes call it)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing for a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def describe() -> str | None:
+    """This process in a multi-process run ("process 0 of 2"); None for a single process."""
+    if jax.process_count() == 1:
+        return None
+    return f"process {jax.process_index()} of {jax.process_count()}"
+
+
+def leave(exit_code: int) -> int:
+    """Return `exit_code`; a failed multi-process run exits at once instead, since jax's exit
+    hook would wait for the other processes (which may be dead) and then abort noisily."""
+    if exit_code and jax.distributed.is_initialized():
+        exit_at_once(exit_code)
+    return exit_code
