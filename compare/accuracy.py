@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flax_impl.config import RECIPES
 from flax_impl.reporting import read_metrics
 
 FRAMEWORKS = {"flax": "flax_impl.train", "torch": "torch_ref.train"}
@@ -30,13 +31,14 @@ def load_runs(results: Path) -> dict[str, dict[int, list[dict]]]:
     return runs
 
 
-def run_training(results: Path, seeds: list[int], epochs: int) -> None:
-    """Train every framework and seed with the default recipe; copy metrics into `results`."""
+def run_training(results: Path, seeds: list[int], epochs: int, recipe: str = "default") -> None:
+    """Train every framework and seed with `recipe`; copy metrics into `results`."""
     for framework, module in FRAMEWORKS.items():
         for seed in seeds:
             workdir = results / framework / f"workdir_seed{seed}"
-            subprocess.run([sys.executable, "-m", module, "--seed", str(seed), "--epochs",
-                            str(epochs), "--workdir", str(workdir), "--overwrite"], check=True)
+            subprocess.run([sys.executable, "-m", module, "--recipe", recipe, "--seed", str(seed),
+                            "--epochs", str(epochs), "--workdir", str(workdir), "--overwrite"],
+                           check=True)
             shutil.copy(workdir / "metrics.jsonl", results / framework / f"seed{seed}.jsonl")
 
 
@@ -122,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="store_true", help="train every seed first (hours on CPU)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--recipe", choices=RECIPES, default="default",
+                        help="the recipe --run trains (tinynet: TinyNet's)")
     parser.add_argument("--png", type=Path, default=None,
                         help="where the curves go (default: RESULTS/accuracy.png)")
     args = parser.parse_args(argv)
     if args.run:
-        run_training(args.results, args.seeds, args.epochs)
+        run_training(args.results, args.seeds, args.epochs, args.recipe)
     runs = load_runs(args.results)
     missing = [fw for fw, seeds in runs.items() if not seeds]
     if missing:

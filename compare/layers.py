@@ -28,9 +28,11 @@ from flax_impl.fast.conv import conv_valid
 from torch_ref.model import create_model as create_torch_model
 
 
-def conv_shapes(batch: int) -> list[tuple[str, tuple[int, int, int, int], int]]:
-    """(name, NCHW input shape, output channels) of every convolution of `Net`, in order."""
-    model = create_torch_model("net", 0.0).eval()
+def conv_shapes(batch: int, model_name: str = "net"
+                ) -> list[tuple[str, tuple[int, int, int, int], int]]:
+    """(name, NCHW input shape, output channels) of every convolution of model `model_name`, in
+    order."""
+    model = create_torch_model(model_name, 0.0).eval()
     shapes = []
     hooks = [module.register_forward_hook(
         lambda module, inputs, output, name=name: shapes.append(

@@ -117,22 +117,24 @@ def check_eval_outputs(data: Mnist, name: str, tolerance: float, device: torch.d
             Check(f"eval output {name}, flax->torch", to_torch, tolerance)]
 
 
-def train_mode_pass(data: Mnist, dtype=np.float32, device: torch.device = CPU):
-    """One train-mode forward and backward of Net in both frameworks from the same weights.
+def train_mode_pass(data: Mnist, dtype=np.float32, device: torch.device = CPU,
+                    name: str = "net"):
+    """One train-mode forward and backward of model `name` in both frameworks from the same
+    weights.
 
     Returns (torch output, Flax output, torch state_dict after the step, Flax's as a state_dict,
     torch gradients, Flax gradients as torch-named arrays), computed in `dtype`.
     """
     images = data.train_images[:BATCH]
     labels = data.train_labels[:BATCH].astype(np.int64)
-    torch_model = warmed_torch_model("net", data, device).train()
-    variables = torch_to_flax(torch_model.state_dict(), "net")
+    torch_model = warmed_torch_model(name, data, device).train()
+    variables = torch_to_flax(torch_model.state_dict(), name)
     torch_model = torch_model.to(torch.float64 if dtype == np.float64 else torch.float32)
     log_probs = torch_model(torch_inputs(images, device).to(next(torch_model.parameters()).dtype))
     F.nll_loss(log_probs, torch.from_numpy(labels).to(device)).backward()
     torch_grads = {k: p.grad.cpu().numpy() for k, p in torch_model.named_parameters()}
 
-    model = create_flax_model("net", 0.0)
+    model = create_flax_model(name, 0.0)
     with jax.enable_x64(dtype == np.float64):
         variables = jax.tree.map(lambda x: jnp.asarray(x, dtype), variables)
         inputs = flax_inputs(images).astype(dtype)
@@ -146,7 +148,7 @@ def train_mode_pass(data: Mnist, dtype=np.float32, device: torch.device = CPU):
         grads, (flax_out, stats) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
         grads, flax_out, stats = jax.tree.map(np.asarray, (grads, flax_out, stats))
     # One torch-named dict holds both: the gradients (as weights) and the new running statistics.
-    as_torch = flax_to_torch({"params": grads, "batch_stats": stats}, "net")
+    as_torch = flax_to_torch({"params": grads, "batch_stats": stats}, name)
     torch_state = {k: v.cpu() for k, v in torch_model.state_dict().items()}
     return log_probs.detach().cpu().numpy(), flax_out, torch_state, as_torch, torch_grads, as_torch
 
@@ -162,22 +164,26 @@ def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict) -> tuple[
     return worst, errors[worst]
 
 
-def check_train_mode(data: Mnist, device: torch.device = CPU) -> list[Check]:
-    """2. Train-mode outputs, running statistics after the step, gradients."""
+def check_train_mode(data: Mnist, device: torch.device = CPU, name: str = "net"
+                     ) -> list[Check]:
+    """2. Train-mode outputs, running statistics after the step, gradients (model `name`)."""
     torch_out, flax_out, torch_state, flax_state, torch_grads, flax_grads = train_mode_pass(
-        data, np.float32, device)
+        data, np.float32, device, name)
     stats = max(max_abs(torch_state[k], flax_state[k]) for k in torch_state
                 if k.endswith(("running_mean", "running_var")))
     worst32, error32 = worst_relative_gradient_error(torch_grads, flax_grads)
-    *_, torch_grads64, flax_grads64 = train_mode_pass(data, np.float64, device)
+    *_, torch_grads64, flax_grads64 = train_mode_pass(data, np.float64, device, name)
     worst64, error64 = worst_relative_gradient_error(torch_grads64, flax_grads64)
     torch_own = worst_relative_gradient_error(torch_grads64, torch_grads)[1]
-    return [Check("train-mode output (batch statistics)", max_abs(torch_out, flax_out), 1e-5),
-            Check("BatchNorm running mean/var after a step", stats, 1e-5,
+    return [Check(f"{name}: train-mode output (batch statistics)", max_abs(torch_out, flax_out),
+                  1e-5),
+            Check(f"{name}: BatchNorm running mean/var after a step", stats, 1e-5,
                   "torch keeps the unbiased variance; so does our Flax BatchNorm"),
-            Check("gradients, every parameter, float64 (relative)", error64, 1e-4,
+            Check(f"{name}: gradients, every parameter, float64 (relative)", error64, 1e-4,
                   f"worst: {worst64}"),
-            Check("gradients, every parameter, float32 (relative)", error32, 1e-3,
+            # float32's own rounding sets the bar: narrow layers (TinyNet's) round more.
+            Check(f"{name}: gradients, every parameter, float32 (relative)", error32,
+                  max(1e-3, 2 * torch_own),
                   f"worst: {worst32}; float32 rounding: torch's own float32 gradients are "
                   f"{torch_own:.1e} from float64")]
 
@@ -374,8 +380,9 @@ def check_saved_torch_model(data: Mnist, path: str, device: torch.device = CPU) 
 def all_checks(data: Mnist, device: torch.device = CPU) -> list[Callable[[], list[Check]]]:
     """The six checks of the module docstring, in order, as thunks; torch on `device`."""
     return [lambda: (check_eval_outputs(data, "net", 1e-5, device)
+                     + check_eval_outputs(data, "tinynet", 1e-5, device)
                      + check_eval_outputs(data, "seednet", 1e-4, device)),
-            lambda: check_train_mode(data, device),
+            lambda: check_train_mode(data, device) + check_train_mode(data, device, "tinynet"),
             lambda: check_optimizer_steps(data, device=device) + check_loss(data),
             lambda: check_schedule(len(data.train_images)),
             lambda: check_rotation(data),

@@ -33,15 +33,15 @@ from flax_impl import augment as flax_augment
 from flax_impl import core as flax_core
 from flax_impl import fast as flax_fast
 from flax_impl import setup as flax_setup
-from flax_impl.config import Config
+from flax_impl.config import RECIPES, Config, recipe_config
 from flax_impl.data import load_mnist
 from flax_impl.kernels import FAST, STOCK, Kernels
 from torch_ref import setup as torch_setup
 from torch_ref.model import create_model as create_torch_model
 
 
-def train_flops_per_image() -> float:
-    """FLOPs of `Net`'s convolutions and head per training image, forward and backward.
+def train_flops_per_image(model: str = "net") -> float:
+    """FLOPs of `model`'s convolutions and head per training image, forward and backward.
 
     The backward pass: kernel and input gradients (no input gradient for the first layer, whose
     input is the data); 2 FLOPs per multiply-add. Counted from the layer shapes, not by XLA:
@@ -49,10 +49,11 @@ def train_flops_per_image() -> float:
     taps.
     """
     flops = 0.0
-    for index, (_, (_, channels, height, width), out_channels) in enumerate(conv_shapes(1)):
+    for index, (_, (_, channels, height, width), out_channels) in enumerate(
+            conv_shapes(1, model)):
         multiply_adds = (height - 2) * (width - 2) * out_channels * 9 * channels
         flops += 2 * multiply_adds * (2 if index == 0 else 3)
-    head = create_torch_model("net", 0.0).head
+    head = create_torch_model(model, 0.0).head
     return flops + 2 * head.in_features * head.out_features * 3
 
 
@@ -173,7 +174,8 @@ def side_by_side(flax: FlaxBench, torch_bench: TorchBench, rounds: int, epoch: b
                   "warmup_seconds": torch_bench.warmup_seconds,
                   "threads": torch.get_num_threads()},
         "paired_step_speedup": statistics.median(ratios),
-        "train_flops_per_image": train_flops_per_image(),
+        "model": flax.run.config.model,
+        "train_flops_per_image": train_flops_per_image(flax.run.config.model),
     }
     if epoch:
         results["flax"]["epoch_seconds"] = flax.epoch()
@@ -281,7 +283,8 @@ def report(results: dict) -> str:
     m = results["machine"]
     peak = results["machine"].get("peak_gflops")
     of_peak = f" = {100 * achieved / peak:.0f} % of a {peak:.0f} GFLOP/s peak" if peak else ""
-    lines += ["", f"training FLOPs per image (convolutions and head, forward and gradients): "
+    lines += ["", f"training FLOPs per image of {results.get('model', 'net')} (convolutions and "
+                  f"head, forward and gradients): "
                   f"{flops / 1e6:.2f} M; achieved: flax {achieved:.1f} GFLOP/s{of_peak}",
               f"machine: {m['cpu']} ({m.get('vector', 'vector extensions not recorded')}), "
               f"{m['cores']} cores{'; ' + m['gpu'] if m.get('gpu') else ''}; "
@@ -304,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(slow: six more compiles)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     parser.add_argument("--data-source", default="auto")
+    parser.add_argument("--recipe", default="default", choices=RECIPES,
+                        help="the recipe (and its network) to time")
     args = parser.parse_args(argv)
-    config = Config(data_source=args.data_source)
+    config = recipe_config(args.recipe, data_source=args.data_source)
     data = load_mnist(args.data_source)
     steps_per_call = args.steps_per_call or flax_setup.default_steps_per_call()
     results = {"batch_size": config.batch_size, "steps_per_call": steps_per_call,

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_impl.config import NET_WIDTHS, TINYNET_WIDTHS
 from flax_impl.data import normalize
 from flax_impl.kernels import Kernels, get_kernels
 
@@ -110,24 +111,27 @@ class Net(nn.Module):
     """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
 
     Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
+    `widths`: the blocks' channels; TinyNet is the same network, narrower (TINYNET_WIDTHS).
     """
 
     dropout: float = 0.05
+    widths: tuple[int, ...] = NET_WIDTHS
     conv: ModuleDef = nn.Conv
     max_pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         block = functools.partial(ConvBlock, conv=self.conv)
-        x = block(1, 10, self.dropout, name="block1")(x, train)
-        x = block(10, 16, self.dropout, name="block2")(x, train)
+        w1, w2, w3, w4, w5, w6 = self.widths
+        x = block(1, w1, self.dropout, name="block1")(x, train)
+        x = block(w1, w2, self.dropout, name="block2")(x, train)
         x = self.max_pool(x, (2, 2), strides=(2, 2))
-        x = block(16, 16, self.dropout, name="block3")(x, train)
-        x = block(16, 16, self.dropout, name="block4")(x, train)
-        x = block(16, 24, self.dropout, name="block5")(x, train)
-        x = block(24, 32, 0.0, name="block6")(x, train)
+        x = block(w2, w3, self.dropout, name="block3")(x, train)
+        x = block(w3, w4, self.dropout, name="block4")(x, train)
+        x = block(w4, w5, self.dropout, name="block5")(x, train)
+        x = block(w5, w6, 0.0, name="block6")(x, train)
         x = x.mean(axis=(1, 2))
-        x = nn.Dense(10, kernel_init=torch_default_init, bias_init=torch_default_bias_init(32),
+        x = nn.Dense(10, kernel_init=torch_default_init, bias_init=torch_default_bias_init(w6),
                      name="head")(x)
         return nn.log_softmax(x)
 
@@ -161,6 +165,7 @@ class SeedNet(nn.Module):
 # name -> (dropout, conv, max_pool) -> model; SeedNet has no dropout.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "net": Net,
+    "tinynet": functools.partial(Net, widths=TINYNET_WIDTHS),
     "seednet": lambda dropout, **layers: SeedNet(**layers),
 }
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from compare.convert import ConversionError, flax_to_torch, torch_to_flax
-from torch_ref.model import Net, SeedNet
+from torch_ref.model import Net, create_model
 
 
-@pytest.mark.parametrize("name, model_class", [("net", Net), ("seednet", SeedNet)])
-def test_torch_to_flax_to_torch_is_lossless(name, model_class):
+@pytest.mark.parametrize("name", ["net", "tinynet", "seednet"])
+def test_torch_to_flax_to_torch_is_lossless(name):
     torch.manual_seed(0)
-    model = model_class()
+    model = create_model(name)
     with torch.no_grad():
         for buffer in model.buffers():
             if buffer.is_floating_point():
@@ -25,7 +25,12 @@ def test_torch_to_flax_to_torch_is_lossless(name, model_class):
     for key, value in original.items():
         if not key.endswith("num_batches_tracked"):
             torch.testing.assert_close(back[key], value, rtol=0, atol=0)
-    model_class().load_state_dict(back)  # strict
+    create_model(name).load_state_dict(back)  # strict
+
+
+def test_a_net_state_dict_is_refused_for_tinynet():
+    with pytest.raises(ConversionError, match=r"has shape \[10\], tinynet needs \[8\]"):
+        torch_to_flax(Net().state_dict(), "tinynet")
 
 
 def test_flax_layouts_are_hwio_and_in_by_out():

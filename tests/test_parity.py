@@ -29,13 +29,15 @@ def assert_all_pass(checks):
     assert not failed, failed
 
 
-@pytest.mark.parametrize("model, tolerance", [("net", 1e-5), ("seednet", 1e-4)])
+@pytest.mark.parametrize("model, tolerance", [("net", 1e-5), ("tinynet", 1e-5),
+                                              ("seednet", 1e-4)])
 def test_eval_outputs_agree_after_conversion_both_ways(mnist, model, tolerance):
     assert_all_pass(parity.check_eval_outputs(mnist, model, tolerance))
 
 
-def test_train_mode_outputs_running_stats_and_gradients_agree(mnist):
-    assert_all_pass(parity.check_train_mode(mnist))
+@pytest.mark.parametrize("model", ["net", "tinynet"])
+def test_train_mode_outputs_running_stats_and_gradients_agree(mnist, model):
+    assert_all_pass(parity.check_train_mode(mnist, name=model))
 
 
 def test_hundred_optimizer_steps_agree_exactly_in_float64(mnist):

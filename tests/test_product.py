@@ -8,7 +8,7 @@ from PIL import Image
 
 from flax_impl import evaluate, predict
 from flax_impl import train as flax_train
-from flax_impl.config import Config
+from flax_impl.config import Config, recipe_config
 from flax_impl.data import load_mnist
 from tests.conftest import synthetic_mnist
 
@@ -147,3 +147,20 @@ def test_a_torch_workdir_is_evaluated_through_the_weight_conversion(real_mnist, 
     err = capsys.readouterr().err.strip()
     assert "checkpoint.pt is corrupt or not a torch_ref.train file" in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_a_tinynet_workdir_is_evaluated_as_its_training_scored_it(framework, real_mnist,
+                                                                  tmp_path, capsys):
+    from torch_ref import train as torch_train
+
+    trainer = flax_train if framework == "flax" else torch_train
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MNIST20K_CACHE", raising=False)
+        history = trainer.train(recipe_config("tinynet", epochs=1, train_examples=3_200),
+                                tmp_path)
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    correct = int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
+    assert correct == round(history[-1]["test_accuracy"] * 10_000)

@@ -15,7 +15,7 @@ from tests.conftest import crash_in_epoch, synthetic_mnist
 from torch_ref import core as torch_core
 from torch_ref import train as torch_train
 from torch_ref.augment import rotate
-from torch_ref.model import Net, SeedNet
+from torch_ref.model import Net, SeedNet, create_model
 
 
 @pytest.mark.parametrize("model_class", [Net, SeedNet])
@@ -25,12 +25,12 @@ def test_output_is_log_probabilities_of_shape_b_by_10(model_class):
     torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(5))
 
 
-@pytest.mark.parametrize("model", ["net", "seednet"])
+@pytest.mark.parametrize("model", ["net", "tinynet", "seednet"])
 def test_per_layer_parameter_counts_equal_the_flax_models(model):
     table = parameter_table(model)
     assert table["match"], [row for row in table["rows"] if not row["match"]]
-    assert table["torch_total"] == sum(p.numel() for p in
-                                       (Net() if model == "net" else SeedNet()).parameters())
+    assert table["ok"]  # and under its budget, if it has one
+    assert table["torch_total"] == sum(p.numel() for p in create_model(model).parameters())
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flax_impl.config import NET_WIDTHS, TINYNET_WIDTHS
 from flax_impl.data import normalize
 
 
@@ -43,17 +44,19 @@ class Net(nn.Module):
     """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
 
     Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
+    `widths`: the blocks' channels; TinyNet is the same network, narrower (TINYNET_WIDTHS).
     """
 
-    def __init__(self, dropout: float = 0.05):
+    def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = NET_WIDTHS):
         super().__init__()
-        self.block1 = ConvBlock(1, 10, dropout)
-        self.block2 = ConvBlock(10, 16, dropout)
-        self.block3 = ConvBlock(16, 16, dropout)
-        self.block4 = ConvBlock(16, 16, dropout)
-        self.block5 = ConvBlock(16, 24, dropout)
-        self.block6 = ConvBlock(24, 32, 0.0)
-        self.head = nn.Linear(32, 10)
+        w1, w2, w3, w4, w5, w6 = widths
+        self.block1 = ConvBlock(1, w1, dropout)
+        self.block2 = ConvBlock(w1, w2, dropout)
+        self.block3 = ConvBlock(w2, w3, dropout)
+        self.block4 = ConvBlock(w3, w4, dropout)
+        self.block5 = ConvBlock(w4, w5, dropout)
+        self.block6 = ConvBlock(w5, w6, 0.0)
+        self.head = nn.Linear(w6, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block2(self.block1(x))
@@ -90,6 +93,7 @@ class SeedNet(nn.Module):
 # name -> (dropout) -> model; SeedNet has no dropout.
 MODELS: dict[str, Callable[[float], nn.Module]] = {
     "net": Net,
+    "tinynet": lambda dropout: Net(dropout, TINYNET_WIDTHS),
     "seednet": lambda dropout: SeedNet(),
 }
 
