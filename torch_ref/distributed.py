@@ -58,7 +58,8 @@ class Group:
         """Each value summed over all ranks (float64; a collective: every rank calls it)."""
         if self.world_size == 1:
             return values
-        total = torch.tensor(values, dtype=torch.float64)
+        on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces CUDA tensors only
+        total = torch.tensor(values, dtype=torch.float64, device=on)
         dist.all_reduce(total)
         return total.tolist()
 
@@ -199,7 +200,9 @@ def distribute(model: nn.Module, group: Group, device: torch.device) -> nn.Modul
         return model
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return DistributedDataParallel(model, device_ids=[device.index], broadcast_buffers=False)
+        # "cuda" names the GPU join_from_env made current: this rank's LOCAL_RANK.
+        return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()],
+                                       broadcast_buffers=False)
     model = GlobalBatchNorm2d.convert(model)
     # Every rank computes the same global statistics: no buffers to broadcast.
     return DistributedDataParallel(model, broadcast_buffers=False)
