@@ -19,14 +19,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flax_impl.config import ConfigError
-from flax_impl.rendezvous import wait_for_coordinator
+from flax_impl.rendezvous import DEFAULT_TIMEOUT, DistributedError, wait_for_coordinator
 from flax_impl.reporting import exit_at_once, first_line
-
-DEFAULT_TIMEOUT = 120  # seconds
-
-
-class DistributedError(ConfigError):
-    """The processes could not start together (one line: what is wrong and what to check)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +88,8 @@ def initialize(cluster: Cluster) -> None:
         return
     if cluster.coordinator_address and cluster.process_id:  # process 0 starts the coordinator
         host, _, port = cluster.coordinator_address.rpartition(":")
-        if error := wait_for_coordinator(host, int(port), cluster.timeout):
-            raise DistributedError(
-                f"cannot reach the coordinator at {cluster.coordinator_address} within "
-                f"{cluster.timeout} s ({error}); start process 0 there, or fix "
-                f"--coordinator-address")
+        wait_for_coordinator(host, int(port), cluster.timeout, "the coordinator",
+                             "--coordinator-address")
     try:
         jax.distributed.initialize(
             cluster.coordinator_address, cluster.num_processes, cluster.process_id,

@@ -1,4 +1,5 @@
-"""Waiting for a multi-process run's coordinator; shared by both training commands.
+"""What both training commands share to start a multi-process run: the timeout, the error, and
+waiting for the coordinator.
 
 Imports neither jax nor torch. Both frameworks' own clients abort with a fatal log and a stack
 trace (jax) or log stack traces while they retry (torch) when the coordinator cannot be reached;
@@ -10,16 +11,25 @@ from __future__ import annotations
 import socket
 import time
 
+from flax_impl.config import ConfigError
 
-def wait_for_coordinator(host: str, port: int, timeout: float) -> str | None:
-    """Wait until `host`:`port` accepts TCP connections: None once it does, else (after
-    `timeout` seconds) the last error, in one line."""
+DEFAULT_TIMEOUT = 120  # seconds to wait for all processes to join (and, in jax, a silent one)
+
+
+class DistributedError(ConfigError):
+    """The processes could not start together (one line: what is wrong and what to check)."""
+
+
+def wait_for_coordinator(host: str, port: int, timeout: float, name: str, fix: str) -> None:
+    """Wait until `host`:`port` (where `name` listens) accepts TCP connections; after `timeout`
+    seconds, DistributedError with its last error and `fix` (what to correct)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection((host.strip("[]"), port), timeout=5):
-                return None
+                return
         except OSError as error:
             if time.monotonic() > deadline:
-                return str(error)
+                raise DistributedError(f"cannot reach {name} at {host}:{port} within {timeout} s "
+                                       f"({error}); start {name} there, or fix {fix}") from None
         time.sleep(0.5)

@@ -21,14 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from flax_impl.config import ConfigError
-from flax_impl.rendezvous import wait_for_coordinator
+from flax_impl.rendezvous import DEFAULT_TIMEOUT, DistributedError, wait_for_coordinator
 from flax_impl.reporting import exit_at_once, first_line
-
-DEFAULT_TIMEOUT = 120  # seconds
-
-
-class DistributedError(ConfigError):
-    """The processes could not start together (one line: what is wrong and what to check)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +104,8 @@ def join_from_env(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Gro
     address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     if not port.isdigit():
         raise ConfigError(f"MASTER_PORT must be a port number, got {port!r}")
-    if group.rank and (error := wait_for_coordinator(address, int(port), timeout)):
-        raise DistributedError(f"rank {group.rank} cannot reach rank 0 at {address}:{port} "
-                               f"within {timeout} s ({error}); start rank 0 there, or fix "
-                               f"MASTER_ADDR and MASTER_PORT")
+    if group.rank:
+        wait_for_coordinator(address, int(port), timeout, "rank 0", "MASTER_ADDR and MASTER_PORT")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
