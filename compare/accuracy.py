@@ -1,9 +1,13 @@
-"""Flax vs torch accuracy, per epoch and per seed: `python -m compare.accuracy`.
+"""Flax vs torch accuracy, per epoch and per seed: `python -m compare.accuracy [--recipe R]`.
 
-Reads the committed training results (`results/flax/seed*.jsonl`, `results/torch/seed*.jsonl`,
-each a run's metrics.jsonl) or, with `--run`, trains them first. Prints mean ± std per epoch and
-the final epoch per seed, checks that every run's final-epoch test accuracy is >= 99.4 %, and
-draws both frameworks' test accuracy and loss curves into a PNG. Exit 1 if a run misses the target.
+Reads a recipe's committed training results (`results/<framework>/seed*.jsonl` for the default
+recipe, `results/<recipe>/<framework>/seed*.jsonl` for the others, each a run's metrics.jsonl) or,
+with `--run`, trains them first. Prints mean ± std per epoch and the final epoch per seed, checks
+that every run's final-epoch test accuracy is >= 99.4 %, and draws both frameworks' test accuracy
+and loss curves into a PNG. Then the time to 99.4 % of every recipe with results: epochs and
+seconds to the first epoch at >= 99.4 %, and the whole process's seconds where
+`results/run_seeds.sh` recorded them (whole_process.txt). Exit 1 if a run of `--recipe` misses
+the target.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from flax_impl.reporting import read_metrics
 
 FRAMEWORKS = {"flax": "flax_impl.train", "torch": "torch_ref.train"}
 TARGET = 0.994
+WHOLE_PROCESS = "whole_process.txt"  # written by results/run_seeds.sh
+
+
+def recipe_results(recipe: str, root: Path = Path("results")) -> Path:
+    """Where a recipe's runs are kept: `root` for the default recipe, `root/<recipe>` else."""
+    return root if recipe == "default" else root / recipe
 
 
 def load_runs(results: Path) -> dict[str, dict[int, list[dict]]]:
@@ -31,14 +41,16 @@ def load_runs(results: Path) -> dict[str, dict[int, list[dict]]]:
     return runs
 
 
-def run_training(results: Path, seeds: list[int], epochs: int, recipe: str = "default") -> None:
-    """Train every framework and seed with `recipe`; copy metrics into `results`."""
+def run_training(results: Path, seeds: list[int], epochs: int | None,
+                 recipe: str = "default") -> None:
+    """Train every framework and seed with `recipe` (for `epochs`, default the recipe's); copy
+    metrics into `results`."""
     for framework, module in FRAMEWORKS.items():
         for seed in seeds:
             workdir = results / framework / f"workdir_seed{seed}"
             subprocess.run([sys.executable, "-m", module, "--recipe", recipe, "--seed", str(seed),
-                            "--epochs", str(epochs), "--workdir", str(workdir), "--overwrite"],
-                           check=True)
+                            *(["--epochs", str(epochs)] if epochs else []),
+                            "--workdir", str(workdir), "--overwrite"], check=True)
             shutil.copy(workdir / "metrics.jsonl", results / framework / f"seed{seed}.jsonl")
 
 
@@ -51,10 +63,54 @@ def first_epoch_at_target(metrics: list[dict]) -> int | None:
     return next((m["epoch"] for m in metrics if m["test_accuracy"] >= TARGET), None)
 
 
-def minutes_to_target(metrics: list[dict]) -> float | None:
-    """Wall-clock minutes (training + evaluation) until the first epoch at >= 99.4 %."""
+def seconds_to_target(metrics: list[dict]) -> float | None:
+    """Wall-clock seconds of the epochs (training, its compilation, evaluation) up to the first
+    at >= 99.4 %."""
     epoch = first_epoch_at_target(metrics)
-    return None if epoch is None else sum(m["seconds"] for m in metrics[:epoch]) / 60
+    return None if epoch is None else sum(m["seconds"] for m in metrics[:epoch])
+
+
+def whole_process_seconds(results: Path) -> dict[tuple[str, int], float]:
+    """{(framework, seed): seconds} of whole training processes, from `results`'s
+    whole_process.txt (lines `flax seed0 41.2 s ...`; the last line of a run counts)."""
+    path = results / WHOLE_PROCESS
+    found = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 4 and words[0] in FRAMEWORKS and words[3] == "s":
+                found[words[0], int(words[1].removeprefix("seed"))] = float(words[2])
+    return found
+
+
+def median_or_dash(values: list[float], form: str) -> str:
+    """The median formatted with `form`, or "-" for no values."""
+    return format(statistics.median(values), form) if values else "-"
+
+
+def time_to_accuracy(recipes: dict[str, Path]) -> str:
+    """One row per recipe and framework with runs in its folder: final accuracy, runs at
+    >= 99.4 %, and the median epochs and seconds to the first epoch at >= 99.4 %."""
+    lines = ["Time to 99.4 % test accuracy (medians over the runs; s: seconds)",
+             f"{'recipe':>8}  {'framework':>9}  {'runs':>4}  {'final mean':>10}  {'min':>5}  "
+             f"{'>= 99.4':>7}  {'epoch':>5}  {'s to 99.4':>9}  {'whole process':>13}"]
+    for recipe, results in recipes.items():
+        wall = whole_process_seconds(results)
+        for framework, seeds in load_runs(results).items():
+            if not seeds:
+                continue
+            finals = [m[-1]["test_accuracy"] for m in seeds.values()]
+            reached = [m for m in seeds.values() if first_epoch_at_target(m)]
+            epochs = [first_epoch_at_target(m) for m in reached]
+            seconds = [seconds_to_target(m) for m in reached]
+            whole = [wall[framework, s] for s in seeds if (framework, s) in wall]
+            lines.append(
+                f"{recipe:>8}  {framework:>9}  {len(seeds):>4}  "
+                f"{100 * statistics.mean(finals):>10.2f}  {100 * min(finals):>5.2f}  "
+                f"{sum(f >= TARGET for f in finals):>3}/{len(finals):<3}  "
+                f"{median_or_dash(epochs, '.0f'):>5}  {median_or_dash(seconds, '.0f'):>9}  "
+                f"{median_or_dash(whole, '.0f'):>13}")
+    return "\n".join(lines)
 
 
 def summary(runs: dict) -> tuple[str, bool]:
@@ -69,7 +125,7 @@ def summary(runs: dict) -> tuple[str, bool]:
                      f"{100 * gap:>+17.2f}")
     lines += ["", "Final epoch per run",
               f"{'framework':>9}  {'seed':>4}  {'accuracy':>8}  {'first >= 99.4':>13}  "
-              f"{'min to 99.4':>11}  {'min/epoch':>9}  {'verdict':>7}"]
+              f"{'s to 99.4':>9}  {'s/epoch':>7}  {'verdict':>7}"]
     ok = True
     for framework, seeds in runs.items():
         finals = []
@@ -77,12 +133,12 @@ def summary(runs: dict) -> tuple[str, bool]:
             final = metrics[-1]["test_accuracy"]
             finals.append(final)
             ok &= final >= TARGET
-            minutes = statistics.mean(m["seconds"] for m in metrics) / 60
-            to_target = minutes_to_target(metrics)
+            per_epoch = statistics.mean(m["seconds"] for m in metrics)
+            to_target = seconds_to_target(metrics)
             lines.append(f"{framework:>9}  {seed:>4}  {100 * final:>8.2f}  "
                          f"{first_epoch_at_target(metrics) or '-':>13}  "
-                         f"{'-' if to_target is None else f'{to_target:.1f}':>11}  "
-                         f"{minutes:>9.2f}  {'PASS' if final >= TARGET else 'FAIL':>7}")
+                         f"{'-' if to_target is None else f'{to_target:.0f}':>9}  "
+                         f"{per_epoch:>7.1f}  {'PASS' if final >= TARGET else 'FAIL':>7}")
         lines.append(f"{framework:>9}  {'all':>4}  {mean_std(finals):>8}  min "
                      f"{100 * min(finals):.2f}")
     lines.append(f"verdict: {'every run' if ok else 'NOT every run'} ends at >= 99.4 %")
@@ -120,28 +176,35 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m compare.accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--run", action="store_true", help="train every seed first (hours on CPU)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--recipe", choices=RECIPES, default="default",
-                        help="the recipe --run trains (tinynet: TinyNet's)")
+                        help="the recipe whose runs are read (or trained with --run)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="where the runs are (default: results for the default recipe, "
+                             "results/<recipe> for the others)")
+    parser.add_argument("--run", action="store_true", help="train every seed first (hours on CPU)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--png", type=Path, default=None,
                         help="where the curves go (default: RESULTS/accuracy.png)")
     args = parser.parse_args(argv)
+    results = args.results or recipe_results(args.recipe)
     if args.run:
-        run_training(args.results, args.seeds, args.epochs, args.recipe)
-    runs = load_runs(args.results)
+        run_training(results, args.seeds, args.epochs, args.recipe)
+    runs = load_runs(results)
     missing = [fw for fw, seeds in runs.items() if not seeds]
     if missing:
-        print(f"error: no results for {', '.join(missing)} in {args.results}/<framework>/"
+        print(f"error: no results for {', '.join(missing)} in {results}/<framework>/"
               f"seed*.jsonl; train first or pass --run", file=sys.stderr)
         return 2
     text, ok = summary(runs)
     print(text)
-    png = args.png or args.results / "accuracy.png"
+    png = args.png or results / "accuracy.png"
     plot(runs, png)
-    print(f"Wrote {png}")
+    print(f"Wrote {png}\n")
+    # Every recipe's runs, beside each other (with --results: that folder's recipe alone).
+    recipes = {args.recipe: results} if args.results else {
+        recipe: recipe_results(recipe) for recipe in RECIPES}
+    print(time_to_accuracy(recipes))
     return 0 if ok else 1
 
 

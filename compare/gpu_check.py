@@ -8,12 +8,14 @@ process with its own time limit, so that one failure or overrun leaves the other
 2. the parity checks (`compare.parity`), torch on CUDA and JAX on its accelerator, TF32 off;
 3. speed (`compare.speed --ablation`): Flax against torch, and stock Flax against the fast
    kernels and a `lax.scan` of 39 steps against a loop of single steps;
-4. the default recipe, 20 epochs, in Flax and in torch.
+4. the default recipe, 20 epochs, in Flax and in torch;
+5. the fast recipe (`--recipe fast`, 3 epochs), in Flax and in torch.
 
-Writes at most 8 files into DIR: summary.json (devices, each step's exit status and seconds),
-parity.txt, speed.txt, speed.json, flax_train.log, flax_metrics.jsonl, torch_train.log,
-torch_metrics.jsonl. MNIST comes from the cache; `--mnist-gz FILE` unpacks a gzipped cache
-(made here with `--pack FILE`, 11 MB instead of 55) into a temporary cache first.
+Writes 8 files into DIR (what the device tool brings back): summary.json (devices, each step's
+exit status and seconds, each training's recipe, model and per-epoch metrics), parity.txt,
+speed.txt, speed.json, and the logs flax_train.log, torch_train.log, flax_fast.log,
+torch_fast.log. MNIST comes from the cache; `--mnist-gz FILE` unpacks a gzipped cache (made here
+with `--pack FILE`, 11 MB instead of 55) into a temporary cache first.
 `--quick` is a smoke run of the same steps on any machine (tested on the CPU).
 """
 
@@ -31,25 +33,32 @@ import time
 from pathlib import Path
 
 from flax_impl.data import CACHE_FILE, cache_dir
+from flax_impl.reporting import read_metrics
 
-# (name, command after `python -m`, seconds allowed, files it writes into DIR)
+# (name, command after `python -m`, seconds allowed, its training workdir or None); the
+# limits add up to 580 s, inside one 600-second device command (on an H200 the first four
+# took 57, 61, 56 and 57 s).
 FULL_STEPS = [
-    ("parity", ["compare.parity", "--device", "auto"], 150, ()),
+    ("parity", ["compare.parity", "--device", "auto"], 120, None),
     ("speed", ["compare.speed", "--ablation", "--no-epoch", "--steps", "312",
-               "--steps-per-call", "39", "--json", "{out}/speed.json"], 200, ()),
-    ("flax_train", ["flax_impl.train", "--workdir", "{work}/flax"], 170,
-     (("{work}/flax/metrics.jsonl", "flax_metrics.jsonl"),)),
-    ("torch_train", ["torch_ref.train", "--device", "auto", "--workdir", "{work}/torch"], 200,
-     (("{work}/torch/metrics.jsonl", "torch_metrics.jsonl"),)),
+               "--steps-per-call", "39", "--json", "{out}/speed.json"], 150, None),
+    ("flax_train", ["flax_impl.train", "--workdir", "{work}/flax"], 90, "{work}/flax"),
+    ("torch_train", ["torch_ref.train", "--device", "auto", "--workdir", "{work}/torch"], 120,
+     "{work}/torch"),
+    ("flax_fast", ["flax_impl.train", "--recipe", "fast", "--workdir", "{work}/flax_fast"], 50,
+     "{work}/flax_fast"),
+    ("torch_fast", ["torch_ref.train", "--recipe", "fast", "--device", "auto",
+                    "--workdir", "{work}/torch_fast"], 50, "{work}/torch_fast"),
 ]
+SMALL_TRAINING = ["--epochs", "1", "--train-examples", "512"]
 QUICK_FLAGS = {  # the same steps, small: a smoke run
     "parity": ["--checks", "4,5"],
     "speed": ["--steps", "2", "--steps-per-call", "1"],
-    "flax_train": ["--epochs", "1", "--train-examples", "512"],
-    "torch_train": ["--epochs", "1", "--train-examples", "512"],
+    **{name: SMALL_TRAINING for name in ("flax_train", "torch_train", "flax_fast", "torch_fast")},
 }
 LOGS = {"parity": "parity.txt", "speed": "speed.txt", "flax_train": "flax_train.log",
-        "torch_train": "torch_train.log"}
+        "torch_train": "torch_train.log", "flax_fast": "flax_fast.log",
+        "torch_fast": "torch_fast.log"}
 
 
 DEVICES_SCRIPT = """
@@ -114,6 +123,15 @@ def run_step(name: str, argv: list[str], limit: int, out: Path, env: dict) -> di
     return {"exit": code, "seconds": round(seconds, 1), "limit": limit}
 
 
+def training_record(workdir: Path) -> dict:
+    """What a training step left in its workdir: the config's recipe, model and epochs, and the
+    per-epoch metrics (empty where the run wrote none)."""
+    config = workdir / "config.json"
+    recorded = json.loads(config.read_text()) if config.is_file() else {}
+    return {"config": {key: recorded.get(key) for key in ("recipe", "model", "epochs")},
+            "metrics": read_metrics(workdir / "metrics.jsonl")}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m compare.gpu_check", description=__doc__,
@@ -139,15 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         env["MNIST20K_CACHE"] = str(work / "cache")
     print(json.dumps(found, indent=2), flush=True)
     summary = {"devices": found, "quick": args.quick, "steps": {}}
-    for name, command, limit, files in FULL_STEPS:
+    for name, command, limit, workdir in FULL_STEPS:
         command = [part.format(out=out, work=work) for part in command]
         command += ["--data-source", args.data_source] + (QUICK_FLAGS[name] if args.quick
                                                           else [])
         summary["steps"][name] = run_step(name, command, limit, out, env)
-        for source, target in files:
-            source = Path(source.format(work=work))
-            if source.is_file():
-                shutil.copyfile(source, out / target)
+        if workdir:
+            summary["steps"][name].update(training_record(Path(workdir.format(work=work))))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     failed = [n for n, step in summary["steps"].items() if step["exit"] != 0]

@@ -381,6 +381,7 @@ def all_checks(data: Mnist, device: torch.device = CPU) -> list[Callable[[], lis
     """The six checks of the module docstring, in order, as thunks; torch on `device`."""
     return [lambda: (check_eval_outputs(data, "net", 1e-5, device)
                      + check_eval_outputs(data, "tinynet", 1e-5, device)
+                     + check_eval_outputs(data, "widenet", 1e-5, device)
                      + check_eval_outputs(data, "seednet", 1e-4, device)),
             lambda: check_train_mode(data, device) + check_train_mode(data, device, "tinynet"),
             lambda: check_optimizer_steps(data, device=device) + check_loss(data),

@@ -232,7 +232,8 @@ def machine() -> dict:
             "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
             "torch": torch.__version__, "python": platform.python_version(),
-            "peak_gflops": peak_gflops()}
+            # The CPU's float32 peak: no yardstick for a step that runs on an accelerator.
+            "peak_gflops": peak_gflops() if jax.default_backend() == "cpu" else None}
 
 
 ABLATIONS = {
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = recipe_config(args.recipe, data_source=args.data_source)
     data = load_mnist(args.data_source)
-    steps_per_call = args.steps_per_call or flax_setup.default_steps_per_call()
+    steps_per_call = args.steps_per_call or flax_setup.DEFAULT_STEPS_PER_CALL
     results = {"batch_size": config.batch_size, "steps_per_call": steps_per_call,
                "machine": machine()}
     rounds = max(1, args.steps // steps_per_call)

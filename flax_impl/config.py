@@ -14,10 +14,12 @@ from pathlib import Path
 
 from flax_impl.data import SOURCES
 
-MODELS = ("net", "tinynet", "seednet")
-# The channels of Net's six conv blocks, and of TinyNet's (the same network, narrower).
+MODELS = ("net", "tinynet", "widenet", "seednet")
+# The channels of Net's six conv blocks, and of TinyNet's and WideNet's (the same network,
+# narrower or wider).
 NET_WIDTHS = (10, 16, 16, 16, 24, 32)  # 17,064 parameters
 TINYNET_WIDTHS = (8, 10, 12, 12, 14, 14)  # 6,734 parameters
+WIDENET_WIDTHS = (10, 16, 20, 20, 24, 32)  # 19,816 parameters: the fast recipe's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,11 @@ RECIPES: dict[str, dict] = {
     # TinyNet (6,734 parameters) trains without dropout: at this width it underfits rather than
     # overfits (validation split, README "TinyNet").
     "tinynet": {"model": "tinynet", "dropout": 0.0},
+    # 99.4 % in 3 epochs, chosen on the validation split over 10-12 seeds per variant
+    # (results/fast_recipe/, README "The fast recipe"). In 3 epochs the network underfits: no
+    # dropout, the widest shape under 20k, label smoothing, and twice the peak rate.
+    "fast": {"model": "widenet", "epochs": 3, "lr": 0.2, "dropout": 0.0,
+             "label_smoothing": 0.1},
 }
 
 

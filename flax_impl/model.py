@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_impl.config import NET_WIDTHS, TINYNET_WIDTHS
+from flax_impl.config import NET_WIDTHS, TINYNET_WIDTHS, WIDENET_WIDTHS
 from flax_impl.data import normalize
 from flax_impl.kernels import Kernels, get_kernels
 
@@ -111,7 +111,8 @@ class Net(nn.Module):
     """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
 
     Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
-    `widths`: the blocks' channels; TinyNet is the same network, narrower (TINYNET_WIDTHS).
+    `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower
+    (TINYNET_WIDTHS) and wider (WIDENET_WIDTHS).
     """
 
     dropout: float = 0.05
@@ -166,6 +167,7 @@ class SeedNet(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "net": Net,
     "tinynet": functools.partial(Net, widths=TINYNET_WIDTHS),
+    "widenet": functools.partial(Net, widths=WIDENET_WIDTHS),
     "seednet": lambda dropout, **layers: SeedNet(**layers),
 }
 

@@ -239,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = build_parser("python -m flax_impl.train", __doc__.splitlines()[0])
     parser.add_argument("--steps-per-call", type=int, default=None,
-                        help="train steps per jitted call (a lax.scan); default: 39 on CPU, 1 "
-                             "elsewhere")
+                        help="train steps per jitted call (a lax.scan); default: 39")
     parser.add_argument("--kernels", default="auto", choices=KERNELS,
                         help="stock: nn.Conv, nn.max_pool, gather rotation; fast: the CPU "
                              "kernels of flax_impl.fast; auto: fast on CPU, stock elsewhere")

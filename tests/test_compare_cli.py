@@ -57,6 +57,26 @@ def test_accuracy_summarises_both_frameworks_and_draws_curves(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
 
 
+def test_accuracy_reads_a_recipes_own_folder_and_tables_every_recipes_time_to_target(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # results/ and results/fast/ below it
+    write_runs(tmp_path / "results", {"flax": [0.9952, 0.9968], "torch": [0.9955, 0.9945]})
+    write_runs(tmp_path / "results" / "fast", {"flax": [0.9941], "torch": [0.9939]})
+    (tmp_path / "results" / "fast" / "whole_process.txt").write_text(
+        "# machine\nflax seed0 50.0 s  final\nflax seed0 44.0 s  final\ntorch seed0 60.5 s\n")
+    assert accuracy.main(["--recipe", "fast"]) == 1  # torch's run ends at 99.39 %
+    out = capsys.readouterr().out
+    assert (tmp_path / "results" / "fast" / "accuracy.png").is_file()
+    rows = {tuple(line.split()[:2]): line.split() for line in out.splitlines()
+            if line.split()[:1] in (["default"], ["fast"])}
+    # recipe, framework, runs, final mean, min, at >= 99.4, first epoch, s to it, whole process
+    assert rows["default", "flax"] == ["default", "flax", "2", "99.60", "99.52", "2/2", "1",
+                                       "60", "-"]
+    assert rows["fast", "flax"][2:] == ["1", "99.41", "99.41", "1/1", "2", "120", "44"]
+    assert rows["fast", "torch"][5:] == ["0/1", "-", "-", "60"]
+    assert ("tinynet", "flax") not in rows  # no runs: no row
+
+
 def test_accuracy_fails_when_a_run_misses_the_target(tmp_path, capsys):
     write_runs(tmp_path, {"flax": [0.995, 0.993], "torch": [0.995]})
     assert accuracy.main(["--results", str(tmp_path)]) == 1

@@ -11,7 +11,7 @@ from compare.convert import ConversionError, flax_to_torch, torch_to_flax
 from torch_ref.model import Net, create_model
 
 
-@pytest.mark.parametrize("name", ["net", "tinynet", "seednet"])
+@pytest.mark.parametrize("name", ["net", "tinynet", "widenet", "seednet"])
 def test_torch_to_flax_to_torch_is_lossless(name):
     torch.manual_seed(0)
     model = create_model(name)

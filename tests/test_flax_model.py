@@ -23,13 +23,15 @@ def test_output_is_log_probabilities_of_shape_b_by_10(model):
     np.testing.assert_allclose(jnp.exp(log_probs).sum(-1), 1.0, rtol=1e-5)
 
 
-def test_net_has_fewer_than_20k_parameters_tinynet_7k_and_seednet_far_more():
+def test_net_and_widenet_have_fewer_than_20k_parameters_tinynet_7k_and_seednet_far_more():
     x = jnp.zeros((1, 28, 28, 1))
     net = jax.eval_shape(lambda: Net().init(jax.random.key(0), x))
     tiny = jax.eval_shape(lambda: create_model("tinynet").init(jax.random.key(0), x))
+    wide = jax.eval_shape(lambda: create_model("widenet").init(jax.random.key(0), x))
     seed = jax.eval_shape(lambda: SeedNet().init(jax.random.key(0), x))
     assert count(net["params"]) == 17_064 < 20_000
     assert count(tiny["params"]) == 6_734 < 7_000
+    assert count(wide["params"]) == 19_816 < 20_000
     assert count(seed["params"]) == 6_379_786
     assert set(net) == {"params", "batch_stats"} and set(seed) == {"params"}
 

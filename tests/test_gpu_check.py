@@ -18,14 +18,19 @@ def test_quick_check_runs_every_step_and_writes_at_most_eight_files(tiny_idx_sou
     out = tmp_path / "out"
     assert gpu_check.main(["--quick", "--out", str(out), "--data-source", tiny_idx_source]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["steps"]) == ["parity", "speed", "flax_train", "torch_train"]
+    assert list(summary["steps"]) == ["parity", "speed", "flax_train", "torch_train",
+                                      "flax_fast", "torch_fast"]
     assert all(step["exit"] == 0 for step in summary["steps"].values())
     assert summary["devices"]["jax_backend"] == "cpu" and summary["quick"]
     assert "3 passed, 0 failed" in (out / "parity.txt").read_text()
     assert json.loads((out / "speed.json").read_text())["paired_step_speedup"] > 0
+    for training in ("flax_train", "torch_train", "flax_fast", "torch_fast"):
+        assert [m["epoch"] for m in summary["steps"][training]["metrics"]] == [1]
+        assert "Test set: Average loss" in (out / f"{training}.log").read_text()
     for framework in ("flax", "torch"):
-        assert len((out / f"{framework}_metrics.jsonl").read_text().splitlines()) == 1
-        assert "Test set: Average loss" in (out / f"{framework}_train.log").read_text()
+        assert summary["steps"][f"{framework}_train"]["config"]["model"] == "net"
+        assert summary["steps"][f"{framework}_fast"]["config"] == {
+            "recipe": "fast", "model": "widenet", "epochs": 1}  # --quick: 1 epoch
     files = sorted(path.name for path in out.iterdir())
     assert len(files) <= 8, files  # what the device tool brings back
     assert "every step passed" in capsys.readouterr().out

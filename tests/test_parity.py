@@ -30,7 +30,7 @@ def assert_all_pass(checks):
 
 
 @pytest.mark.parametrize("model, tolerance", [("net", 1e-5), ("tinynet", 1e-5),
-                                              ("seednet", 1e-4)])
+                                              ("widenet", 1e-5), ("seednet", 1e-4)])
 def test_eval_outputs_agree_after_conversion_both_ways(mnist, model, tolerance):
     assert_all_pass(parity.check_eval_outputs(mnist, model, tolerance))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -151,16 +153,19 @@ def test_a_torch_workdir_is_evaluated_through_the_weight_conversion(real_mnist, 
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_a_tinynet_workdir_is_evaluated_as_its_training_scored_it(framework, real_mnist,
-                                                                  tmp_path, capsys):
+@pytest.mark.parametrize("recipe, model", [("tinynet", "tinynet"), ("fast", "widenet")])
+def test_a_recipes_workdir_records_its_network_and_is_evaluated_as_its_training_scored_it(
+        framework, recipe, model, real_mnist, tmp_path, capsys):
     from torch_ref import train as torch_train
 
     trainer = flax_train if framework == "flax" else torch_train
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MNIST20K_CACHE", raising=False)
-        history = trainer.train(recipe_config("tinynet", epochs=1, train_examples=3_200),
+        history = trainer.train(recipe_config(recipe, epochs=1, train_examples=3_200),
                                 tmp_path)
     capsys.readouterr()
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert (recorded["recipe"], recorded["model"]) == (recipe, model)
     assert evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
     correct = int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
     assert correct == round(history[-1]["test_accuracy"] * 10_000)

@@ -25,7 +25,7 @@ def test_output_is_log_probabilities_of_shape_b_by_10(model_class):
     torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(5))
 
 
-@pytest.mark.parametrize("model", ["net", "tinynet", "seednet"])
+@pytest.mark.parametrize("model", ["net", "tinynet", "widenet", "seednet"])
 def test_per_layer_parameter_counts_equal_the_flax_models(model):
     table = parameter_table(model)
     assert table["match"], [row for row in table["rows"] if not row["match"]]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flax_impl.config import NET_WIDTHS, TINYNET_WIDTHS
+from flax_impl.config import NET_WIDTHS, TINYNET_WIDTHS, WIDENET_WIDTHS
 from flax_impl.data import normalize
 
 
@@ -44,7 +44,8 @@ class Net(nn.Module):
     """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
 
     Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
-    `widths`: the blocks' channels; TinyNet is the same network, narrower (TINYNET_WIDTHS).
+    `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower
+    (TINYNET_WIDTHS) and wider (WIDENET_WIDTHS).
     """
 
     def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = NET_WIDTHS):
@@ -94,6 +95,7 @@ class SeedNet(nn.Module):
 MODELS: dict[str, Callable[[float], nn.Module]] = {
     "net": Net,
     "tinynet": lambda dropout: Net(dropout, TINYNET_WIDTHS),
+    "widenet": lambda dropout: Net(dropout, WIDENET_WIDTHS),
     "seednet": lambda dropout: SeedNet(),
 }
 
