@@ -54,6 +54,8 @@ VARIANTS = {
     # the batch (b128_lr02 and b256_lr04 matched b64 over 12 seeds): a faster CPU epoch.
     "wide_b128_lr02_ls": f"widths=10,16,20,20,24,32 {THREE_EPOCHS} --lr 0.2 "
                          f"--label-smoothing 0.1",
+    # The stretch goal: the fast recipe in 2 epochs.
+    "fast_2epochs": "--recipe fast --epochs 2",
 }
 SECOND_SWEEP = ("wide_b64_ls,wide_b256_lr04,b256_lr04_ls,w16_16_20_20_20_32_b64,"
                 "w12_16_20_24_24_24_b64,w12_20_20_20_24_24_b64,w10_14_20_24_24_28_b64")
