@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from flax_impl.data import CACHE_FILE, cache_dir
-from flax_impl.reporting import read_metrics
+from flax_impl.reporting import WorkdirError, read_metrics, workdir_record
 
 # (name, command after `python -m`, seconds allowed, its training workdir or None); the
 # limits add up to 580 s, inside one 600-second device command (on an H200 the first four
@@ -126,8 +126,10 @@ def run_step(name: str, argv: list[str], limit: int, out: Path, env: dict) -> di
 def training_record(workdir: Path) -> dict:
     """What a training step left in its workdir: the config's recipe, model and epochs, and the
     per-epoch metrics (empty where the run wrote none)."""
-    config = workdir / "config.json"
-    recorded = json.loads(config.read_text()) if config.is_file() else {}
+    try:
+        recorded = workdir_record(workdir)
+    except WorkdirError:  # the step failed before writing one
+        recorded = {}
     return {"config": {key: recorded.get(key) for key in ("recipe", "model", "epochs")},
             "metrics": read_metrics(workdir / "metrics.jsonl")}
 

@@ -77,6 +77,45 @@ def test_accuracy_reads_a_recipes_own_folder_and_tables_every_recipes_time_to_ta
     assert ("tinynet", "flax") not in rows  # no runs: no row
 
 
+FAKE_TRAINER = """
+import argparse, json, pathlib, sys, time
+time.sleep(0.2)  # what whole_process.txt must count
+parser = argparse.ArgumentParser()
+for flag in ("--recipe", "--seed", "--epochs", "--workdir"):
+    parser.add_argument(flag)
+args = parser.parse_args()
+print("training", args.recipe, "seed", args.seed)
+if args.seed == "9":
+    sys.exit(3)
+workdir = pathlib.Path(args.workdir)
+workdir.mkdir(parents=True)
+(workdir / "config.json").write_text(json.dumps({"recipe": args.recipe, "epochs": args.epochs}))
+(workdir / "metrics.jsonl").write_text(json.dumps(
+    {"epoch": 1, "test_accuracy": 0.99 + int(args.seed) / 1000, "seconds": 1.0}) + "\\n")
+"""
+
+
+def test_accuracy_run_keeps_each_runs_metrics_config_log_and_whole_process_time(
+        tmp_path, monkeypatch, capsys):
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(accuracy, "FRAMEWORKS", {"flax": "fake_trainer", "torch": "fake_trainer"})
+    results = tmp_path / "results"
+    accuracy.run_training(results, [4, 5], epochs=3, recipe="fast")
+    for framework in ("flax", "torch"):
+        assert json.loads((results / framework / "seed5.config.json").read_text()) == {
+            "recipe": "fast", "epochs": "3"}
+        assert "training fast seed 5" in (results / framework / "seed5.log").read_text()
+        assert accuracy.load_runs(results)[framework][4][0]["test_accuracy"] == 0.994
+    seconds = accuracy.whole_process_seconds(results)
+    assert sorted(seconds) == [("flax", 4), ("flax", 5), ("torch", 4), ("torch", 5)]
+    assert all(s >= 0.2 for s in seconds.values())
+    assert (results / "whole_process.txt").read_text().startswith("# ")
+    assert "flax seed5" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--seed 9 failed \(exit 3\); its output: .*seed9.log"):
+        accuracy.run_training(results, [9], epochs=None, recipe="fast")
+
+
 def test_accuracy_fails_when_a_run_misses_the_target(tmp_path, capsys):
     write_runs(tmp_path, {"flax": [0.995, 0.993], "torch": [0.995]})
     assert accuracy.main(["--results", str(tmp_path)]) == 1
