@@ -8,13 +8,15 @@ the final epoch per seed, checks that every run's final-epoch test accuracy is >
 draws both frameworks' test accuracy and loss curves into a PNG. Then the time to 99.4 % of every
 recipe with results: epochs and seconds to the first epoch at >= 99.4 %, and the whole process's
 seconds where `--run` recorded them. Exit 1 if a run of `--recipe` misses the target.
+
+`--time-command N` times instead the bare training commands (no workdir, so no checkpoints) of
+`--recipe`, Flax and torch alternating, N rounds, and appends the whole-process seconds and final
+accuracy of each to RESULTS/command_time.txt.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import shutil
 import statistics
 import subprocess
@@ -23,13 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from compare.machine import cpu_name, vector_extensions
-from flax_impl.config import RECIPES
-from flax_impl.reporting import read_metrics
+from compare.machine import machine_line
+from flax_impl.common.config import RECIPES
+from flax_impl.common.workdir import read_metrics
 
 FRAMEWORKS = {"flax": "flax_impl.train", "torch": "torch_ref.train"}
 TARGET = 0.994
 WHOLE_PROCESS = "whole_process.txt"  # written by run_training
+COMMAND_TIME = "command_time.txt"  # written by time_commands
 
 
 def recipe_results(recipe: str, root: Path = Path("results")) -> Path:
@@ -54,10 +57,8 @@ def run_training(results: Path, seeds: list[int], epochs: int | None,
     wall-clock seconds (start-up, data, compilation, checkpoints) to `results/whole_process.txt`.
     """
     results.mkdir(parents=True, exist_ok=True)
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     with open(results / WHOLE_PROCESS, "a") as wall:
-        wall.write(f"# {when} recipe {recipe}; {cpu_name()} {vector_extensions()} "
-                   f"{os.cpu_count()} cores\n")
+        wall.write(machine_line(f"recipe {recipe}"))
     for framework, module in FRAMEWORKS.items():
         (results / framework).mkdir(exist_ok=True)
         for seed in seeds:
@@ -80,6 +81,30 @@ def run_training(results: Path, seeds: list[int], epochs: int | None,
             print(line, flush=True)
             with open(results / WHOLE_PROCESS, "a") as wall:
                 wall.write(line + "\n")
+
+
+def time_commands(results: Path, recipe: str, rounds: int) -> list[str]:
+    """Run `python -m <trainer> --recipe <recipe>` of each framework, alternating, `rounds`
+    times; append each one's whole-process seconds and final accuracy line to
+    results/command_time.txt; those lines."""
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / COMMAND_TIME, "a") as out:
+        out.write(machine_line(f"python -m {{flax_impl,torch_ref}}.train --recipe {recipe}"))
+    lines = []
+    for round_ in range(1, rounds + 1):
+        for framework, module in FRAMEWORKS.items():
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", module, "--recipe", recipe],
+                                  capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            final = [line for line in done.stdout.splitlines() if line.startswith("Done:")]
+            outcome = final[-1] if done.returncode == 0 and final else \
+                f"FAILED (exit {done.returncode})"
+            lines.append(f"{framework} round{round_} {seconds:.1f} s  {outcome}")
+            print(lines[-1], flush=True)
+            with open(results / COMMAND_TIME, "a") as out:
+                out.write(lines[-1] + "\n")
+    return lines
 
 
 def mean_std(values: list[float]) -> str:
@@ -210,14 +235,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the runs are (default: results for the default recipe, "
                              "results/<recipe> for the others)")
     parser.add_argument("--run", action="store_true",
-                        help="train every seed first, one at a time (the default recipe: about "
-                             "35 minutes for 5 seeds of both frameworks on 2 CPU cores)")
+                        help="train every seed first, one at a time (the default recipe: 20 "
+                             "epochs per seed and framework)")
+    parser.add_argument("--time-command", type=int, metavar="ROUNDS", default=None,
+                        help="time the bare training commands of --recipe instead, ROUNDS rounds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--png", type=Path, default=None,
                         help="where the curves go (default: RESULTS/accuracy.png)")
     args = parser.parse_args(argv)
     results = args.results or recipe_results(args.recipe)
+    if args.time_command is not None:
+        if args.time_command <= 0:
+            parser.error(f"--time-command must be > 0, got {args.time_command}")
+        lines = time_commands(results, args.recipe, args.time_command)
+        return 0 if all("FAILED" not in line for line in lines) else 1
     if args.run:
         run_training(results, args.seeds, args.epochs, args.recipe)
     runs = load_runs(results)

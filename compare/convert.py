@@ -54,25 +54,30 @@ def to_flax_layout(value: np.ndarray) -> np.ndarray:
     return value.T if value.ndim == 2 else value
 
 
-def flax_shapes(model: str) -> dict[tuple[str, tuple[str, ...]], tuple[int, ...]]:
+def flax_shapes(model: str, widths: tuple[int, ...] | None = None
+                ) -> dict[tuple[str, tuple[str, ...]], tuple[int, ...]]:
     """{(collection, path): shape} of the Flax model's variables, without computing them."""
-    shapes = jax.eval_shape(lambda: create_flax_model(model).init(
+    shapes = jax.eval_shape(lambda: create_flax_model(model, widths=widths).init(
         jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32), train=False))
     return {(collection, path): tuple(leaf.shape)
             for collection, tree in shapes.items()
             for path, leaf in traverse_util.flatten_dict(tree).items()}
 
 
-def torch_shapes(model: str) -> dict[str, tuple[int, ...]]:
+def torch_shapes(model: str, widths: tuple[int, ...] | None = None) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the torch model's state_dict."""
-    return {k: tuple(v.shape) for k, v in create_torch_model(model).state_dict().items()}
+    return {k: tuple(v.shape)
+            for k, v in create_torch_model(model, widths=widths).state_dict().items()}
 
 
-def torch_to_flax(state_dict: dict, model: str = "net") -> dict:
-    """torch state_dict -> Flax variables {"params": ..., "batch_stats": ...} (numpy arrays)."""
-    expected = flax_shapes(model)
+def torch_to_flax(state_dict: dict, model: str = "net",
+                  widths: tuple[int, ...] | None = None) -> dict:
+    """torch state_dict -> Flax variables {"params": ..., "batch_stats": ...} (numpy arrays) of
+    `model` at `widths` (default: its own)."""
+    expected = flax_shapes(model, widths)
     names = {torch_name(c, p, len(s)): (c, p) for (c, p), s in expected.items()}
-    known = set(names) | {k for k in torch_shapes(model) if k.endswith("num_batches_tracked")}
+    known = set(names) | {k for k in torch_shapes(model, widths)
+                          if k.endswith("num_batches_tracked")}
     extra = sorted(set(state_dict) - known)
     if extra:
         raise ConversionError(f"unexpected key {extra[0]!r} in the torch state_dict for {model}")
@@ -89,9 +94,11 @@ def torch_to_flax(state_dict: dict, model: str = "net") -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def flax_to_torch(variables: dict, model: str = "net") -> dict[str, torch.Tensor]:
-    """Flax variables -> torch state_dict (loads with `load_state_dict(strict=True)`)."""
-    expected = flax_shapes(model)
+def flax_to_torch(variables: dict, model: str = "net",
+                  widths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Flax variables of `model` at `widths` (default: its own) -> torch state_dict (loads with
+    `load_state_dict(strict=True)`)."""
+    expected = flax_shapes(model, widths)
     given = {(c, p): v for c, tree in variables.items()
              for p, v in traverse_util.flatten_dict(dict(tree)).items()}
     extra = sorted(set(given) - set(expected))
@@ -109,7 +116,7 @@ def flax_to_torch(variables: dict, model: str = "net") -> dict[str, torch.Tensor
                                   f"{list(shape)}")
         state_dict[torch_name(collection, path, len(shape))] = torch.from_numpy(
             np.ascontiguousarray(to_torch_layout(value)).copy())
-    for name in torch_shapes(model):
+    for name in torch_shapes(model, widths):
         if name.endswith("num_batches_tracked"):
             state_dict[name] = torch.tensor(0)
     return state_dict

@@ -32,8 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from flax_impl.data import CACHE_FILE, cache_dir
-from flax_impl.reporting import WorkdirError, read_metrics, workdir_record
+from flax_impl.common.data import CACHE_FILE, cache_dir
+from flax_impl.common.errors import WorkdirError
+from flax_impl.common.workdir import read_metrics, workdir_record
 
 # (name, command after `python -m`, seconds allowed, its training workdir or None); the
 # limits add up to 580 s, inside one 600-second device command (on an H200 the first four
@@ -95,7 +96,7 @@ def pack_cache(target: Path) -> None:
     source = cache_dir() / CACHE_FILE
     if not source.is_file():
         raise SystemExit(f"error: no MNIST cache at {source}; run `python -c 'from "
-                         f"flax_impl.data import load_mnist; load_mnist()'` first")
+                         f"flax_impl.common.data import load_mnist; load_mnist()'` first")
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(source, "rb") as raw, gzip.open(target, "wb", compresslevel=9) as packed:
         shutil.copyfileobj(raw, packed)

@@ -2,9 +2,14 @@
 
 `python -m compare.layers [--json FILE]` times, for each 3x3 convolution of `Net` at the recipe's
 batch size, the forward pass and the backward pass (the gradients training needs: the kernel's,
-and the input's except for the first layer) with `flax_impl.fast.conv` under `jax.jit` and with
-`torch.nn.functional.conv2d` under autograd, alternating the two; medians in ms. A benchmark: it
-prints numbers and asserts nothing.
+and the input's except for the first layer) with `flax_impl.extras.fast.conv` under `jax.jit` and with
+`torch.nn.functional.conv2d` under autograd, alternating the two; medians in ms.
+
+`--conv-forms` times instead the forward pass of each convolution past the first written five
+ways on XLA: `lax.conv_general_dilated` (conv), the nine shifted inputs side by side in one
+product (im2col), nine products summed (pertap), a kernel row's three taps side by side in three
+products (rows), and the input channels padded to a multiple of 8 (pad8); a form whose result
+differs from conv's is marked WRONG. A benchmark: it prints numbers and asserts nothing.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jax import lax
 
 from compare.machine import cpu_name, vector_extensions
-from flax_impl.config import Config
-from flax_impl.fast.conv import conv_valid
+from flax_impl.common.config import Config
+from flax_impl.common.models import MODELS
+from flax_impl.extras.fast.conv import conv_valid
 from torch_ref.model import create_model as create_torch_model
 
 
@@ -114,20 +121,105 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_form(x: jax.Array, k: jax.Array) -> jax.Array:
+    """A valid 3x3 convolution, NHWC x HWIO: XLA's own."""
+    return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=NHWC)
+
+
+def im2col_form(x: jax.Array, k: jax.Array) -> jax.Array:
+    """The nine shifted inputs side by side, one matrix product."""
+    height, width, channels, out = k.shape
+    oh, ow = x.shape[1] - height + 1, x.shape[2] - width + 1
+    windows = [x[:, i:i + oh, j:j + ow, :] for i in range(height) for j in range(width)]
+    patches = jnp.concatenate(windows, -1).reshape(-1, height * width * channels)
+    return (patches @ k.reshape(-1, out)).reshape(x.shape[0], oh, ow, out)
+
+
+def pertap_form(x: jax.Array, k: jax.Array) -> jax.Array:
+    """One product per kernel tap, summed."""
+    height, width = k.shape[:2]
+    oh, ow = x.shape[1] - height + 1, x.shape[2] - width + 1
+    return sum(jnp.einsum("bhwc,co->bhwo", x[:, i:i + oh, j:j + ow, :], k[i, j])
+               for i in range(height) for j in range(width))
+
+
+def rows_form(x: jax.Array, k: jax.Array) -> jax.Array:
+    """A kernel row's taps side by side: one product per row."""
+    height, width, channels, out = k.shape
+    oh, ow = x.shape[1] - height + 1, x.shape[2] - width + 1
+    side_by_side = jnp.concatenate([x[:, :, j:j + ow, :] for j in range(width)], -1)
+    return sum(jnp.einsum("bhwc,co->bhwo", side_by_side[:, i:i + oh],
+                          k[i].reshape(width * channels, out)) for i in range(height))
+
+
+def pad8_form(x: jax.Array, k: jax.Array) -> jax.Array:
+    """XLA's convolution with the input channels padded to a multiple of 8."""
+    extra = -x.shape[-1] % 8
+    return conv_form(jnp.pad(x, ((0, 0),) * 3 + ((0, extra),)),
+                     jnp.pad(k, ((0, 0),) * 2 + ((0, extra), (0, 0))))
+
+
+CONV_FORMS = {"conv": conv_form, "im2col": im2col_form, "pertap": pertap_form,
+              "rows": rows_form, "pad8": pad8_form}
+
+
+def time_conv_forms(model_name: str, batch: int, repeats: int) -> list[dict]:
+    """Per convolution of `model_name` past the first: each form's median forward ms and its
+    largest difference from `conv_form`'s result."""
+    key = jax.random.key(0)
+    rows = []
+    for name, (_, channels, side, _), out in conv_shapes(batch, model_name)[1:]:
+        x = jax.random.normal(key, (batch, side, side, channels))
+        k = jax.random.normal(key, (3, 3, channels, out))
+        reference = conv_form(x, k)
+        row = {"name": name, "input": f"{batch}x{side}x{side}x{channels} -> {out}"}
+        for form_name, form in CONV_FORMS.items():
+            jitted = jax.jit(form)
+            row[form_name] = median_ms(
+                lambda f=jitted, x=x, k=k: jax.block_until_ready(f(x, k)), repeats)
+            row[f"{form_name}_error"] = float(jnp.abs(jitted(x, k) - reference).max())
+        rows.append(row)
+    return rows
+
+
+def conv_forms_report(rows: list[dict], model_name: str) -> str:
+    """The forms table: median forward ms per form and convolution (WRONG: a differing result)."""
+    lines = [f"{'layer':<14}{'input (NHWC) -> out':<24}" + "".join(f"{f:>14}" for f in CONV_FORMS)]
+    for row in rows:
+        cells = [f"{row[f]:.2f}ms" + (" WRONG" if row[f"{f}_error"] > 1e-3 else "")
+                 for f in CONV_FORMS]
+        lines.append(f"{row['name']:<14}{row['input']:<24}" + "".join(f"{c:>14}" for c in cells))
+    lines.append(f"{model_name}'s convolutions past the first, forward only; {cpu_name()} "
+                 f"({vector_extensions()}), jax {jax.__version__} ({jax.default_backend()})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m compare.layers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="net")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--conv-forms", action="store_true",
+                        help="time five forms of each convolution's forward pass instead")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    rows = []
-    for index, (name, shape, out_channels) in enumerate(conv_shapes(Config().batch_size)):
-        rows.append({"name": name, "input": "x".join(map(str, shape)) + f" -> {out_channels}",
-                     **time_layer(shape, out_channels, index == 0, args.repeats)})
-    print(report(rows))
+    batch = Config().batch_size
+    if args.conv_forms:
+        rows = time_conv_forms(args.model, batch, args.repeats)
+        print(conv_forms_report(rows, args.model))
+    else:
+        rows = []
+        for index, (name, shape, out_channels) in enumerate(conv_shapes(batch, args.model)):
+            rows.append({"name": name,
+                         "input": "x".join(map(str, shape)) + f" -> {out_channels}",
+                         **time_layer(shape, out_channels, index == 0, args.repeats)})
+        print(report(rows))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=2)

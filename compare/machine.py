@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 
@@ -52,3 +53,9 @@ def peak_gflops() -> float | None:
         return None
     per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
     return (os.cpu_count() or 1) * mhz * 1e6 * per_cycle / 1e9
+
+
+def machine_line(what: str) -> str:
+    """A results file's header line: the time, `what`, and the machine."""
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"# {when} {what}; {cpu_name()} {vector_extensions()} {os.cpu_count()} cores\n"

@@ -2,8 +2,8 @@
 
 Counts come from the real models (Flax `init` shapes, torch `named_parameters`), paired through
 the weight conversion's naming (compare/convert.py). Exit status 0 only when every layer matches
-and each network with a budget stays under it (`net` and `widenet` 20,000 parameters, `tinynet`
-7,000).
+and each network with a budget in the model table (`flax_impl.common.models`) stays under it.
+`--widths` counts a network at other widths (against the model's budget).
 """
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ import math
 import sys
 
 from compare.convert import flax_shapes, torch_name
-from flax_impl.config import MODELS
+from flax_impl.common.models import MODELS, PARAMETER_LIMIT, parse_widths
 from torch_ref.model import create_model as create_torch_model
 
-LIMIT = 20_000  # the project's budget; SeedNet is measured against it
-BUDGETS = {"net": LIMIT, "tinynet": 7_000, "widenet": LIMIT}  # the networks that must stay under a budget
 
-
-def parameter_table(model: str) -> dict:
-    """Rows pairing each Flax parameter with its torch twin, the totals and the verdict."""
-    flax = {path: shape for (collection, path), shape in flax_shapes(model).items()
+def parameter_table(model: str, widths: tuple[int, ...] | None = None) -> dict:
+    """Rows pairing each Flax parameter with its torch twin, the totals and the verdict, for
+    `model` at `widths` (default: its own)."""
+    flax = {path: shape for (collection, path), shape in flax_shapes(model, widths).items()
             if collection == "params"}
     torch_params = {name: tuple(p.shape)
-                    for name, p in create_torch_model(model).named_parameters() if p.requires_grad}
+                    for name, p in create_torch_model(model, widths=widths).named_parameters()
+                    if p.requires_grad}
     rows, paired = [], set()
     for path, shape in flax.items():
         name = torch_name("params", path, len(shape))
@@ -47,10 +46,11 @@ def parameter_table(model: str) -> dict:
     flax_total = sum(r["flax_count"] for r in rows)
     torch_total = sum(r["torch_count"] for r in rows)
     match = all(r["match"] for r in rows) and flax_total == torch_total
-    under = flax_total < BUDGETS.get(model, LIMIT)
-    return {"model": model, "rows": rows, "flax_total": flax_total, "torch_total": torch_total,
-            "match": match, "under_limit": under,
-            "ok": match and (under or model not in BUDGETS)}
+    budget = MODELS[model].budget
+    under = flax_total < (budget or PARAMETER_LIMIT)
+    return {"model": model, "widths": list(widths or MODELS[model].widths), "budget": budget,
+            "rows": rows, "flax_total": flax_total, "torch_total": torch_total,
+            "match": match, "under_limit": under, "ok": match and (under or budget is None)}
 
 
 def format_table(table: dict) -> str:
@@ -64,16 +64,17 @@ def format_table(table: dict) -> str:
                       r["torch_name"] or "-", str(tuple(r["torch_shape"] or ())), count,
                       "" if r["match"] else "MISMATCH"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [f"== {table['model']} =="]
+    text = [f"== {table['model']} (widths {','.join(map(str, table['widths']))}) =="]
     text += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
              for line in lines]
     text.append(f"total: flax {table['flax_total']:,}, torch {table['torch_total']:,}")
     verdict = "MATCH" if table["match"] else "MISMATCH"
-    if table["model"] in BUDGETS:
+    if table["budget"] is not None:
         limit = "under" if table["under_limit"] else "NOT under"
-        verdict += f"; {limit} {BUDGETS[table['model']]:,} parameters"
+        verdict += f"; {limit} {table['budget']:,} parameters"
     else:
-        verdict += f"; {table['flax_total'] / LIMIT:.0f}x the {LIMIT:,}-parameter budget"
+        verdict += (f"; {table['flax_total'] / PARAMETER_LIMIT:.0f}x the "
+                    f"{PARAMETER_LIMIT:,}-parameter budget")
     text.append(f"verdict: {verdict}")
     return "\n".join(text)
 
@@ -82,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m compare.params", description=__doc__)
     parser.add_argument("--model", choices=(*MODELS, "all"), default="net")
+    parser.add_argument("--widths", type=parse_widths, default=None, metavar="W1,...,W6",
+                        help="count --model at these six widths instead of its own")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    if args.widths is not None and args.model == "all":
+        parser.error("--widths needs one --model")
     models = MODELS if args.model == "all" else (args.model,)
-    tables = [parameter_table(model) for model in models]
+    try:
+        tables = [parameter_table(model, args.widths) for model in models]
+    except ValueError as error:  # widths that are not six positive integers
+        parser.error(str(error))
     if args.json:
         print(json.dumps(tables if args.model == "all" else tables[0], indent=2))
     else:

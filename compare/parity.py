@@ -33,11 +33,12 @@ import torch.nn.functional as F
 
 from compare.convert import ConversionError, flax_to_torch, torch_to_flax
 from flax_impl import core as flax_core
-from flax_impl import fast
 from flax_impl import setup as flax_setup
 from flax_impl.augment import rotate as flax_rotate
-from flax_impl.config import Config, ConfigError
-from flax_impl.data import DataError, Mnist, load_mnist
+from flax_impl.common.config import Config
+from flax_impl.common.data import Mnist, load_mnist
+from flax_impl.common.errors import ConfigError, DataError
+from flax_impl.extras import fast
 from flax_impl.model import create_model as create_flax_model
 from flax_impl.model import to_inputs as flax_to_inputs
 from torch_ref import core as torch_core

@@ -31,11 +31,11 @@ from compare.layers import conv_shapes
 from compare.machine import cpu_name, peak_gflops, vector_extensions
 from flax_impl import augment as flax_augment
 from flax_impl import core as flax_core
-from flax_impl import fast as flax_fast
 from flax_impl import setup as flax_setup
-from flax_impl.config import RECIPES, Config, recipe_config
-from flax_impl.data import load_mnist
-from flax_impl.kernels import FAST, STOCK, Kernels
+from flax_impl.common.config import RECIPES, Config, recipe_config
+from flax_impl.common.data import load_mnist
+from flax_impl.extras import fast as flax_fast
+from flax_impl.extras.kernels import FAST, STOCK, Kernels
 from torch_ref import setup as torch_setup
 from torch_ref.model import create_model as create_torch_model
 
@@ -100,7 +100,7 @@ class FlaxBench:
     def epoch(self) -> float:
         """Seconds for one epoch of training, as `flax_impl.train` runs it."""
         start = time.perf_counter()
-        for _, first, stop in flax_core.chunk_plan(1, self.steps, self.steps_per_call):
+        for first, stop in flax_core.chunk_bounds(self.steps, self.steps_per_call):
             metrics = self._run(first, stop)
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
@@ -237,7 +237,7 @@ def machine() -> dict:
 
 
 ABLATIONS = {
-    "default": "fast kernels (flax_impl.fast conv, pool, rotation; lax.scan)",
+    "default": "fast kernels (flax_impl.extras.fast conv, pool, rotation; lax.scan)",
     "first_layer_as_others": "first layer like the others (no im2col, XLA forward)",
     "gather_rotation": "rotation by gathering (map_coordinates)",
     "stock_pool": "XLA's own max-pool gradient (nn.max_pool)",

@@ -3,7 +3,7 @@
 Mirrors `torch_ref/augment.py` (torch's `affine_grid` + bilinear `grid_sample`, zeros padding,
 `align_corners=False`): the same angle gives the same image. Bilinear interpolation reads each
 output pixel's source point from the four input pixels around it; `rotate` gathers them with
-`map_coordinates`. `flax_impl.fast.rotate` is a drop-in with the same signature for CPUs.
+`map_coordinates`. `flax_impl.extras.fast.rotate` is a drop-in with the same signature for CPUs.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def random_rotate(images: jax.Array, max_degrees: float, key: jax.Array,
                   rotate_fn: Callable = rotate) -> jax.Array:
     """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees].
 
-    `rotate_fn` is `rotate` or a drop-in with its signature (`flax_impl.fast.rotate`).
+    `rotate_fn` is `rotate` or a drop-in with its signature (`flax_impl.extras.fast.rotate`).
     """
     if max_degrees == 0:
         return images

@@ -10,7 +10,8 @@ Pure functions over pytrees, everything that runs per step inside `jax.jit`:
 - `make_train_chunk`: a jitted `lax.scan` of the train step over a chunk of an epoch's batches,
   gathered on device from the uploaded dataset (fewer dispatches than a loop of jitted steps);
 - `make_evaluate`: summed loss and correct predictions over a set of images;
-- `epoch_plan`: each epoch's batches and step keys, from the run's key and the epoch number.
+- `epoch_plan`: each epoch's batches and step keys, from the run's key and the epoch number;
+- `chunk_bounds`: the steps of each jitted call of an epoch.
 
 `flax_impl.setup` builds all of it for one config on the devices; the run layer around it
 (workdir, checkpoints, signals, command line) is `flax_impl.train`.
@@ -31,7 +32,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 
 from flax_impl.augment import random_rotate, rotate
-from flax_impl.config import Config
+from flax_impl.common.config import Config
 from flax_impl.model import to_inputs
 
 
@@ -205,10 +206,7 @@ def epoch_plan(key: jax.Array, epoch: int, num_train: int, steps: int, batch_siz
     return indices, jax.random.split(jax.random.fold_in(epoch_key, 1), steps)
 
 
-def chunk_plan(epochs: int, steps: int, steps_per_call: int, epoch: int = 1, step: int = 0
-               ) -> Iterator[tuple[int, int, int]]:
-    """(epoch, first step, stop step) of each jitted call from (`epoch`, `step`) to the end."""
-    for current in range(epoch, epochs + 1):
-        first = step if current == epoch else 0
-        for start in range(first, steps, steps_per_call):
-            yield current, start, min(start + steps_per_call, steps)
+def chunk_bounds(steps: int, steps_per_call: int, first: int = 0) -> Iterator[tuple[int, int]]:
+    """(first step, stop step) of each jitted call of an epoch of `steps`, from step `first`."""
+    for start in range(first, steps, steps_per_call):
+        yield start, min(start + steps_per_call, steps)

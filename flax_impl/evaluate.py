@@ -14,9 +14,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from flax_impl.data import DataError, load_mnist
-from flax_impl.predict import load_trained
-from flax_impl.reporting import WorkdirError
+from flax_impl.common.data import load_mnist
+from flax_impl.common.errors import DataError, WorkdirError
+from flax_impl.predict import WorkdirReader, load_trained
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int = 10) -> np.ndarray:
@@ -70,9 +70,10 @@ def plot_errors(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m flax_impl.evaluate", description=__doc__,
+def main(argv: list[str] | None = None, readers: dict[str, WorkdirReader] | None = None,
+         prog: str = "python -m flax_impl.evaluate") -> int:
+    """Command-line entry point; `readers`: see `flax_impl.predict.trained_variables`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, type=Path, help="a training workdir")
     parser.add_argument("--data-source", default=None,
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where the pictures go")
     args = parser.parse_args(argv)
     try:
-        log_probs, config = load_trained(args.workdir)
+        log_probs, config = load_trained(args.workdir, readers)
         data = load_mnist(args.data_source or config.data_source)
     except (WorkdirError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)

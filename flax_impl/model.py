@@ -6,8 +6,9 @@ Mirrors `torch_ref/model.py` layer for layer and name for name. Input: float32 N
 Usage: ``model = create_model("net")``; ``variables = model.init(key, x, train=False)`` gives
 ``{"params", "batch_stats"}``; ``model.apply(variables, x, train=True, rngs={"dropout": key},
 mutable=["batch_stats"])`` trains. The convolution and max-pool are fields (`conv`, `max_pool`):
-plain `nn.Conv` and `nn.max_pool` by default, `flax_impl.fast`'s CPU kernels by construction
-(`create_model(..., kernels="fast")`, see `flax_impl.kernels`).
+plain `nn.Conv` and `nn.max_pool` by default; a drop-in (the optional CPU kernels of
+`flax_impl.extras`) is passed in by construction, as Flax's ImageNet `ResNet` takes `conv`.
+The networks' widths come from the model table, `flax_impl.common.models`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_impl.config import NET_WIDTHS, TINYNET_WIDTHS, WIDENET_WIDTHS
-from flax_impl.data import normalize
-from flax_impl.kernels import Kernels, get_kernels
+from flax_impl.common.data import normalize
+from flax_impl.common.models import MODELS, model_spec, model_widths
 
 ModuleDef = Any
 
@@ -111,12 +111,12 @@ class Net(nn.Module):
     """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
 
     Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
-    `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower
-    (TINYNET_WIDTHS) and wider (WIDENET_WIDTHS).
+    `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower and wider
+    (the model table, `flax_impl.common.models`).
     """
 
     dropout: float = 0.05
-    widths: tuple[int, ...] = NET_WIDTHS
+    widths: tuple[int, ...] = MODELS["net"].widths
     conv: ModuleDef = nn.Conv
     max_pool: Callable = nn.max_pool
 
@@ -142,8 +142,10 @@ class SeedNet(nn.Module):
 
     3x3 convs of 32, 64 (padding 1), 2x2 max-pool, 128, 256 (padding 1), 2x2 max-pool, 512, 1024
     (no padding: 7 -> 5 -> 3), 10 (3 -> 1); ReLU after each conv but the last; log-softmax.
+    `widths`: the first six convs' channels.
     """
 
+    widths: tuple[int, ...] = MODELS["seednet"].widths
     conv: ModuleDef = nn.Conv
     max_pool: Callable = nn.max_pool
 
@@ -151,34 +153,24 @@ class SeedNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no dropout or BatchNorm
         conv = functools.partial(conv3x3, self.conv)
-        x = nn.relu(conv(32, 1, padding=1, name="conv1")(x))
-        x = nn.relu(conv(64, 32, padding=1, name="conv2")(x))
+        w1, w2, w3, w4, w5, w6 = self.widths
+        x = nn.relu(conv(w1, 1, padding=1, name="conv1")(x))
+        x = nn.relu(conv(w2, w1, padding=1, name="conv2")(x))
         x = self.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(conv(128, 64, padding=1, name="conv3")(x))
-        x = nn.relu(conv(256, 128, padding=1, name="conv4")(x))
+        x = nn.relu(conv(w3, w2, padding=1, name="conv3")(x))
+        x = nn.relu(conv(w4, w3, padding=1, name="conv4")(x))
         x = self.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(conv(512, 256, name="conv5")(x))
-        x = nn.relu(conv(1024, 512, name="conv6")(x))
-        x = conv(10, 1024, name="conv7")(x)
+        x = nn.relu(conv(w5, w4, name="conv5")(x))
+        x = nn.relu(conv(w6, w5, name="conv6")(x))
+        x = conv(10, w6, name="conv7")(x)
         return nn.log_softmax(x.reshape(x.shape[0], -1))
 
 
-# name -> (dropout, conv, max_pool) -> model; SeedNet has no dropout.
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "net": Net,
-    "tinynet": functools.partial(Net, widths=TINYNET_WIDTHS),
-    "widenet": functools.partial(Net, widths=WIDENET_WIDTHS),
-    "seednet": lambda dropout, **layers: SeedNet(**layers),
-}
-
-
-def create_model(name: str, dropout: float = 0.05, kernels: str | Kernels = "auto") -> nn.Module:
-    """A model by name (a key of MODELS) with the convolution and pooling of `kernels`.
-
-    kernels: "stock" (plain `nn.Conv`, `nn.max_pool`), "fast" (`flax_impl.fast`'s CPU kernels),
-    "auto" (fast on CPU, stock elsewhere) or a `flax_impl.kernels.Kernels`.
-    """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    chosen = get_kernels(kernels)
-    return MODELS[name](dropout=dropout, conv=chosen.conv, max_pool=chosen.max_pool)
+def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | None = None,
+                 conv: ModuleDef = nn.Conv, max_pool: Callable = nn.max_pool) -> nn.Module:
+    """Model `name` of the table (`flax_impl.common.models`), at `widths` (default: its own),
+    with the convolution and pooling given (default: `nn.Conv`, `nn.max_pool`)."""
+    family, widths = model_spec(name).family, model_widths(name, widths)
+    if family == "seednet":  # no dropout
+        return SeedNet(widths=widths, conv=conv, max_pool=max_pool)
+    return Net(dropout=dropout, widths=widths, conv=conv, max_pool=max_pool)

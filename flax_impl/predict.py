@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -16,39 +17,45 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from flax_impl.model import create_model, to_inputs
-from flax_impl.reporting import WorkdirError, load_config, workdir_record
+from flax_impl import setup
+from flax_impl.common.errors import WorkdirError
+from flax_impl.common.workdir import load_config, workdir_record
+from flax_impl.model import to_inputs
 from flax_impl.train import restore_variables
+
+# A framework's reader of its workdirs: the workdir -> the Flax variables of the model it scored.
+WorkdirReader = Callable[[Path], dict]
+READERS: dict[str, WorkdirReader] = {"flax": restore_variables}
 
 
 class ImageError(ValueError):
     """An image that cannot be classified, described in one line."""
 
 
-def trained_variables(workdir: str | Path) -> dict:
-    """The Flax variables of a Flax workdir, or of a torch one through the weight conversion."""
-    if workdir_record(workdir)["framework"] == "flax":
-        return restore_variables(workdir)
-    from compare.convert import ConversionError, torch_to_flax
-    from torch_ref.train import restore_state_dict
+def trained_variables(workdir: str | Path, readers: dict[str, WorkdirReader] | None = None) -> dict:
+    """The Flax variables of a workdir, read by the reader of the framework that trained it
+    (`readers` add to READERS: `compare.workdirs` passes the torch one, a weight conversion)."""
+    framework = workdir_record(workdir)["framework"]
+    readers = {**READERS, **(readers or {})}
+    if framework not in readers:
+        raise WorkdirError(f"{workdir} holds a {framework} run; read it with `python -m "
+                           f"compare.evaluate` or `python -m compare.predict` (the same flags), "
+                           f"which convert its weights to Flax")
+    return readers[framework](Path(workdir))
 
-    try:
-        return torch_to_flax(restore_state_dict(workdir), load_config(workdir).model)
-    except ConversionError as error:
-        raise WorkdirError(f"{workdir}: the torch weights do not fit the model ({error})") from None
 
-
-def load_trained(workdir: str | Path):
+def load_trained(workdir: str | Path, readers: dict[str, WorkdirReader] | None = None):
     """(jitted log-probability function of uint8 (B, 28, 28) images, config) of a workdir.
 
-    A torch_ref.train workdir works too: its weights are converted to Flax.
+    `readers`: see `trained_variables` (with `compare.workdirs.READERS`, a torch_ref.train
+    workdir works too). Reads the workdir only: nothing in it is created or changed.
     """
     if not Path(workdir).is_dir():
         raise WorkdirError(f"--workdir {workdir}: no such directory; train with "
                            f"`python -m flax_impl.train --workdir {workdir}` first")
     config = load_config(workdir)
-    variables = trained_variables(workdir)
-    model = create_model(config.model, config.dropout)
+    variables = trained_variables(workdir, readers)
+    model = setup.build_model(config)
 
     @jax.jit
     def log_probs(images):
@@ -102,9 +109,10 @@ def read_image(path: Path) -> np.ndarray:
         raise ImageError(f"{path}: {error}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m flax_impl.predict", description=__doc__,
+def main(argv: list[str] | None = None, readers: dict[str, WorkdirReader] | None = None,
+         prog: str = "python -m flax_impl.predict") -> int:
+    """Command-line entry point; `readers`: see `trained_variables`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, type=Path, help="a training workdir")
     parser.add_argument("--top", type=int, default=1, help="show the K most likely digits")
@@ -113,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.top <= 10:
         parser.error(f"--top must be between 1 and 10, got {args.top}")
     try:
-        log_probs, _ = load_trained(args.workdir)
-        images = np.stack([read_image(path) for path in args.images])
+        images = np.stack([read_image(path) for path in args.images])  # before the model loads
+        log_probs, _ = load_trained(args.workdir, readers)
     except (WorkdirError, ImageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

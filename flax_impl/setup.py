@@ -1,5 +1,9 @@
 """One run of the Flax port, set up on the devices: `setup_training(config, data)`.
 
+Where the optional layers (`flax_impl.extras`) join the stock port: the CPU kernels, chosen by
+`--kernels` and passed into the model and the train step, and the processes of a multi-process
+run, joined from the flags `add_flags` defines.
+
 Builds the model with its kernels, the initial state, the jitted chunk and evaluation of
 `flax_impl.core`, the shardings and the device-resident dataset, data-parallel over a 1-D `data`
 mesh of all devices (every process's, in a multi-process run): the batches' example indices are
@@ -10,6 +14,7 @@ the dataset are replicated. One device is a mesh of one. Training (`flax_impl.tr
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Callable
 
@@ -19,7 +24,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_impl.config import Config, ConfigError
+from flax_impl.common.config import Config
+from flax_impl.common.data import Mnist
+from flax_impl.common.errors import ConfigError
 from flax_impl.core import (
     TrainState,
     create_optimizer,
@@ -30,13 +37,19 @@ from flax_impl.core import (
     make_train_chunk,
     make_train_step,
 )
-from flax_impl.data import Mnist
-from flax_impl.kernels import Kernels, get_kernels
+from flax_impl.extras import distributed
+from flax_impl.extras.kernels import KERNELS, Kernels, get_kernels, resolve
 from flax_impl.model import create_model
 
-# Train steps per jitted call, a `lax.scan` (an epoch of 468 batches is 12 calls): faster than
-# single steps on the CPU (1.06x) and on an H200 (2.15x); results/speed.txt, results/gpu/.
+# Train steps per jitted call, a `lax.scan` (an epoch of 468 batches is 12 calls): fewer
+# dispatches than single steps, on the CPU and the GPU (docs/performance.md).
 DEFAULT_STEPS_PER_CALL = 39
+
+# The processes of the run (one, unless `start_processes` joined several): who prints and writes,
+# waiting for all, agreeing on a flag.
+is_primary = distributed.is_primary
+barrier = distributed.barrier
+any_process = distributed.any_process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +106,7 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     rows = NamedSharding(mesh, P(None, "data"))  # each device gets its share of a batch's rows
     kernels = get_kernels(kernels)
-    model = create_model(config.model, config.dropout, kernels)
+    model = build_model(config, kernels)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(init_key, model, create_optimizer(config, config.epochs * steps),
                                ema=bool(config.ema_decay))
@@ -109,3 +122,43 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
         eval_data=jax.device_put(config.evaluation_set(data), replicated),
         epoch_plan=jax.jit(epoch_plan, static_argnums=(2, 3, 4), out_shardings=(rows, replicated)),
         replicated=replicated)
+
+
+def build_model(config: Config, kernels: str | Kernels = "auto") -> nn.Module:
+    """`config`'s network (model, widths, dropout) with the convolution and pooling of `kernels`."""
+    chosen = get_kernels(kernels)
+    return create_model(config.model, config.dropout, config.widths, conv=chosen.conv,
+                        max_pool=chosen.max_pool)
+
+
+def describe_kernels(kernels: str | Kernels) -> str:
+    """"stock", "fast" or "custom": the kernels a run uses, for its log."""
+    if isinstance(kernels, Kernels):
+        return "custom"
+    return resolve(kernels)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the optional layers: --steps-per-call, --kernels and the multi-process ones."""
+    parser.add_argument("--steps-per-call", type=int, default=None,
+                        help=f"train steps per jitted call (a lax.scan); default: "
+                             f"{DEFAULT_STEPS_PER_CALL}")
+    parser.add_argument("--kernels", default="auto", choices=KERNELS,
+                        help="stock: nn.Conv, nn.max_pool, gather rotation; fast: the CPU "
+                             "kernels of flax_impl.extras.fast; auto: fast on CPU, stock "
+                             "elsewhere")
+    distributed.add_flags(parser)
+
+
+def start_processes(args: argparse.Namespace) -> str | None:
+    """Check the flags of `add_flags` and join the multi-process run they ask for (nothing for a
+    single process); this process's name in the run ("process 0 of 2"), None for a single one."""
+    if args.steps_per_call is not None and args.steps_per_call <= 0:
+        raise ConfigError(f"--steps-per-call must be > 0, got {args.steps_per_call}")
+    distributed.initialize(distributed.cluster_from_args(args))
+    return distributed.describe()
+
+
+def leave(exit_code: int) -> int:
+    """`exit_code`, or (a failed multi-process run) exit at once: see `distributed.leave`."""
+    return distributed.leave(exit_code)

@@ -3,7 +3,7 @@
 The run layer around the functional core (`flax_impl.core`, set up by `flax_impl.setup`): one
 loop over jitted chunks of steps with periodic actions (progress bar, evaluation, checkpoint),
 the workdir, Orbax checkpoints, stopping cleanly on SIGINT/SIGTERM, and the command line; on one
-process or several (`flax_impl.distributed`).
+process or several (`flax_impl.extras.distributed`).
 """
 
 from __future__ import annotations
@@ -20,33 +20,20 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from flax_impl import distributed
-from flax_impl.config import Config, ConfigError, build_parser, config_from_args
-from flax_impl.core import (
-    TrainState,
-    chunk_plan,
-    create_optimizer,
-    create_train_state,
-    eval_variables,
-)
-from flax_impl.data import load_mnist
-from flax_impl.kernels import KERNELS, resolve
-from flax_impl.model import create_model
-from flax_impl.reporting import (
+from flax_impl import setup
+from flax_impl.common.config import Config, build_parser, config_from_args
+from flax_impl.common.data import load_mnist
+from flax_impl.common.errors import (
     TrainingStopped,
     WorkdirError,
     diverged,
-    epoch_bar,
     first_line,
-    load_config,
     peers_watched,
-    prepare_workdir,
-    printing,
-    record_epoch,
     run_command,
-    summary_line,
-    write_epoch_files,
 )
+from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
+from flax_impl.common.workdir import load_config, prepare_workdir, write_epoch_files
+from flax_impl.core import TrainState, chunk_bounds, create_optimizer, create_train_state, eval_variables
 from flax_impl.setup import Setup, setup_training
 
 CHECKPOINT_DIR = "checkpoints"
@@ -103,7 +90,7 @@ def restore_variables(workdir: str | Path) -> dict:
     """The variables ({"params", "batch_stats"}) of the latest checkpoint in a training workdir:
     the ones it scored (the moving average of the parameters where the recipe keeps one)."""
     config = load_config(workdir)
-    model = create_model(config.model, config.dropout)
+    model = setup.build_model(config, "stock")  # only its variables' shapes are used
     target = create_train_state(jax.random.key(0), model, create_optimizer(config, 1),
                                 ema=bool(config.ema_decay))
     with checkpoint_manager(Path(workdir)) as manager:
@@ -164,7 +151,7 @@ def resume_point(run: Setup, manager: ocp.CheckpointManager | None
 
 def train(config: Config, workdir: Path | None = None, resume: bool = False,
           overwrite: bool = False, steps_per_call: int | None = None,
-          devices: list | None = None, kernels: str = "auto") -> list[dict]:
+          devices: list | None = None, kernels: str | setup.Kernels = "auto") -> list[dict]:
     """Train `config` on `devices` (default: all of them, every process's); print the seed-style
     log; return the per-epoch metrics.
 
@@ -173,16 +160,16 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
     the last good checkpoint. `resume` continues from the latest checkpoint, mid-epoch included.
     In a multi-process run, process 0 alone prints and writes the workdir's files.
     """
-    primary = distributed.is_primary()
+    primary = setup.is_primary()
     with printing(primary):
         if workdir:
             prepare_workdir(workdir, config, "flax", resume, overwrite, CHECKPOINT_DIR, primary,
-                            lambda: distributed.barrier("workdir"))
+                            lambda: setup.barrier("workdir"))
         run = setup_training(config, load_mnist(config.data_source), devices=devices,
                              kernels=kernels, steps_per_call=steps_per_call)
         processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
         print(f"Flax on {run.replicated.mesh.size} {jax.default_backend()} device(s){processes}, "
-              f"{resolve(kernels)} kernels, {run.steps_per_call} step(s) per jitted call")
+              f"{setup.describe_kernels(kernels)} kernels, {run.steps_per_call} step(s) per jitted call")
         manager = checkpoint_manager(workdir) if workdir else None
         try:
             history = train_loop(run, manager, resume, files=workdir if primary else None)
@@ -199,51 +186,38 @@ def train_loop(run: Setup, manager: ocp.CheckpointManager | None, resume: bool,
     `manager` and writing the epoch files to `files`; the per-epoch metrics."""
     config, steps = run.config, run.steps_per_epoch
     state, progress = resume_point(run, manager) if resume else (run.state, Progress())
-    bar = None
-    try:
-        with StopRequests() as stop:
-            for epoch, first, last in chunk_plan(config.epochs, steps, run.steps_per_call,
-                                                 progress.epoch, progress.step):
-                if bar is None:  # an epoch starts (or resumes)
-                    plan, started = run.plan(epoch), time.perf_counter()
-                    bar = epoch_bar(epoch, config.epochs, steps, first,
-                                    disable=not distributed.is_primary())
-                # Processes agree (a collective) so that all stop at the same chunk; one that got
-                # no signal itself reports SIGTERM.
-                if distributed.any_process(stop.signal is not None):
-                    raise stopped_by(stop.signal or signal.SIGTERM, manager, state, progress)
-                state, metrics = run.run_chunk(state, plan, first, last)
-                # The only host sync per chunk.
-                chunk_loss = float(metrics["loss"].sum())
-                if not math.isfinite(chunk_loss):
-                    raise diverged(chunk_loss, epoch, f"{first + 1}-{last}")
-                progress = dataclasses.replace(progress, epoch=epoch, step=last,
-                                               loss_sum=progress.loss_sum + chunk_loss)
-                bar.update(last - first)
-                bar.set_postfix_str(f"loss={progress.loss_sum / last:.4f}")
-                if last == steps:  # the epoch is done: evaluate, record, checkpoint
-                    bar = bar.close()  # None: the next chunk starts a new epoch
-                    record_epoch(progress.history, epoch, progress.loss_sum / steps,
-                                 *run.score(state), len(run.eval_data[1]),
-                                 time.perf_counter() - started, config.eval_split)
-                    progress = Progress(epoch + 1, 0, 0.0, progress.history)
-                    save_checkpoint(manager, state, progress)
-                    write_epoch_files(files, progress.history)
-    finally:
-        if bar is not None:
-            bar.close()
+    with StopRequests() as stop:
+        for epoch in range(progress.epoch, config.epochs + 1):
+            first = progress.step if epoch == progress.epoch else 0
+            plan, started = run.plan(epoch), time.perf_counter()
+            with epoch_bar(epoch, config.epochs, steps, first,
+                           disable=not setup.is_primary()) as bar:
+                for start, stop_step in chunk_bounds(steps, run.steps_per_call, first):
+                    # Processes agree (a collective) so that all stop at the same chunk; one that
+                    # got no signal itself reports SIGTERM.
+                    if setup.any_process(stop.signal is not None):
+                        raise stopped_by(stop.signal or signal.SIGTERM, manager, state, progress)
+                    state, metrics = run.run_chunk(state, plan, start, stop_step)
+                    chunk_loss = float(metrics["loss"].sum())  # the only host sync per chunk
+                    if not math.isfinite(chunk_loss):
+                        raise diverged(chunk_loss, epoch, f"{start + 1}-{stop_step}")
+                    progress = dataclasses.replace(progress, epoch=epoch, step=stop_step,
+                                                   loss_sum=progress.loss_sum + chunk_loss)
+                    bar.update(stop_step - start)
+                    bar.set_postfix_str(f"loss={progress.loss_sum / stop_step:.4f}")
+            # The epoch is done: evaluate, record, checkpoint.
+            record_epoch(progress.history, epoch, progress.loss_sum / steps, *run.score(state),
+                         len(run.eval_data[1]), time.perf_counter() - started, config.eval_split)
+            progress = Progress(epoch + 1, 0, 0.0, progress.history)
+            save_checkpoint(manager, state, progress)
+            write_epoch_files(files, progress.history)
     return progress.history
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = build_parser("python -m flax_impl.train", __doc__.splitlines()[0])
-    parser.add_argument("--steps-per-call", type=int, default=None,
-                        help="train steps per jitted call (a lax.scan); default: 39")
-    parser.add_argument("--kernels", default="auto", choices=KERNELS,
-                        help="stock: nn.Conv, nn.max_pool, gather rotation; fast: the CPU "
-                             "kernels of flax_impl.fast; auto: fast on CPU, stock elsewhere")
-    distributed.add_flags(parser)
+    setup.add_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax"):
@@ -251,14 +225,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         config = config_from_args(args)
-        if args.steps_per_call is not None and args.steps_per_call <= 0:
-            raise ConfigError(f"--steps-per-call must be > 0, got {args.steps_per_call}")
-        distributed.initialize(distributed.cluster_from_args(args))
-        with peers_watched(distributed.describe()):
+        with peers_watched(setup.start_processes(args)):
             train(config, args.workdir, args.resume, args.overwrite, args.steps_per_call,
                   kernels=args.kernels)
 
-    return distributed.leave(run_command(body))
+    return setup.leave(run_command(body))
 
 
 if __name__ == "__main__":

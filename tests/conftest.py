@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_impl.data import IDX_FILES, Mnist
+from flax_impl.common.data import IDX_FILES, Mnist
 
 # Tests compile the same small programs many times (and in subprocesses): share XLA's
 # persistent compilation cache between them. Set before anything imports jax.

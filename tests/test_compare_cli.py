@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from compare import accuracy, layers, params, speed
+from compare import accuracy, layers, params, processes, speed, sweep
 from tests.conftest import synthetic_mnist
 
 
@@ -28,8 +28,8 @@ def test_params_json_counts_come_from_the_models(capsys):
 def test_params_flags_a_mismatch(monkeypatch, capsys):
     real = params.flax_shapes
 
-    def one_wrong(model):
-        shapes = dict(real(model))
+    def one_wrong(model, widths=None):
+        shapes = dict(real(model, widths))
         shapes["params", ("head", "bias")] = (11,)
         return shapes
 
@@ -152,8 +152,8 @@ def test_each_ablation_variant_compiles_to_another_step():
     """Each variant must change the compiled step (else the ablation times the default twice)."""
 
     from flax_impl import setup
-    from flax_impl.config import Config
-    from flax_impl.kernels import FAST
+    from flax_impl.common.config import Config
+    from flax_impl.extras.kernels import FAST
 
     data = synthetic_mnist(256, 10)
 
@@ -185,3 +185,68 @@ def test_layers_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-2].startswith("total")
     rows = json.loads(out.read_text())
     assert len(rows) == 6 and all(row[key] > 0 for row in rows for key in layers.KEYS)
+
+
+def test_params_counts_a_model_at_the_widths_given(capsys):
+    assert params.main(["--model", "net", "--widths", "8,10,12,12,14,14", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["widths"] == [8, 10, 12, 12, 14, 14]
+    assert table["flax_total"] == params.parameter_table("tinynet")["flax_total"]
+    with pytest.raises(SystemExit):
+        params.main(["--model", "net", "--widths", "8,10"])
+    assert "--widths needs 6 positive integers" in capsys.readouterr().err
+
+
+def test_sweep_runs_every_variant_and_seed_on_the_validation_split(tmp_path, monkeypatch):
+    (tmp_path / "fake_trainer.py").write_text(
+        "import sys\nprint('Validation set: Average loss: 0.1, Accuracy: 1/1 (100.00%)', "
+        "' '.join(sys.argv[1:]))\nsys.exit(3 if '--seed' in sys.argv and "
+        "sys.argv[sys.argv.index('--seed') + 1] == '9' else 0)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(sweep, "TRAINER", "fake_trainer")
+    out = tmp_path / "sweep.txt"
+    assert sweep.main(["--out", str(out), "--seeds", "0,9", "--parallel", "2",
+                       "--variants", "b128,wide_b64"]) == 0
+    lines = sorted(out.read_text().splitlines())
+    assert len(lines) == 4
+    assert lines[0].startswith("b128 seed0 ") and ":: Validation set:" in lines[0]
+    assert lines[1].startswith("b128 seed9 ") and "FAILED (exit 3)" in lines[1]
+    widened = sweep.command(sweep.VARIANTS["wide_b64"], 3)
+    assert widened[-4:] == ["--validation", "10000", "--seed", "3"]
+    assert "--widths" in widened and "10,16,20,20,24,32" in widened
+
+
+def test_sweep_refuses_an_unknown_variant(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--out", str(tmp_path / "x"), "--variants", "b128,nope"])
+    assert "unknown variant(s) nope" in capsys.readouterr().err
+
+
+def test_layers_conv_forms_times_every_form_and_checks_it(capsys):
+    rows = layers.time_conv_forms("tinynet", batch=2, repeats=1)
+    assert [row["name"] for row in rows] == [f"block{i}.conv" for i in range(2, 7)]
+    assert all(row[f"{form}_error"] < 1e-3 for row in rows for form in layers.CONV_FORMS)
+    assert "WRONG" not in layers.conv_forms_report(rows, "tinynet")
+
+
+def test_accuracy_time_command_records_each_bare_command(tmp_path, monkeypatch):
+    (tmp_path / "fake_trainer.py").write_text(
+        "import sys\nassert sys.argv[1:] == ['--recipe', 'fast']\n"
+        "print('Done: 3 epochs in 0.1 min; final test accuracy 99.50%')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(accuracy, "FRAMEWORKS", {"flax": "fake_trainer", "torch": "fake_trainer"})
+    assert accuracy.main(["--recipe", "fast", "--results", str(tmp_path / "r"),
+                          "--time-command", "2"]) == 0
+    lines = (tmp_path / "r" / "command_time.txt").read_text().splitlines()
+    assert lines[0].startswith("# ") and len(lines) == 5
+    assert lines[1].startswith("flax round1 ") and lines[-1].startswith("torch round2 ")
+    assert all("final test accuracy 99.50%" in line for line in lines[1:])
+
+
+def test_processes_starts_two_jax_processes_against_one_and_torchrun(tmp_path):
+    runs = processes.commands(tmp_path, 23456, ["--data-source", "idx:D"])
+    assert [len(argvs) for argvs in runs.values()] == [2, 1, 1, 1]
+    first, second = runs["flax2"]
+    assert first[-2:] == ["--process-id", "1"] and second[-2:] == ["--process-id", "0"]
+    assert "127.0.0.1:23456" in first and "torch.distributed.run" in runs["torch2"][0]
+    assert all("idx:D" in argv for argvs in runs.values() for argv in argvs)

@@ -1,4 +1,4 @@
-"""flax_impl.config: recipes as presets, flags on top of them, validation splits."""
+"""flax_impl.common.config: recipes as presets, flags on top of them, validation splits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flax_impl.config import RECIPES, Config, ConfigError, build_parser, config_from_args
+from flax_impl.common.config import RECIPES, Config, build_parser, config_from_args
+from flax_impl.common.errors import ConfigError
 from tests.conftest import synthetic_mnist
 
 

@@ -1,4 +1,4 @@
-"""flax_impl.data: IDX parsing, the PyPI pickle, the cache, tfds, the `auto` order, real MNIST."""
+"""flax_impl.common.data: IDX parsing, the PyPI pickle, the cache, tfds, the `auto` order, real MNIST."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from flax_impl import data
-from flax_impl.data import DataError, Mnist, load_mnist
+from flax_impl.common import data
+from flax_impl.common.data import Mnist, load_mnist
+from flax_impl.common.errors import DataError
 from tests.conftest import idx_bytes, synthetic_mnist, write_idx_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,7 +217,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
-from flax_impl import data
+from flax_impl.common import data
 # tfds's download manager is handed the local copies instead of fetching the official URLs.
 files = {key: str(data.find_idx_file(Path(sys.argv[1]), stem)) for key, stem in (
     ("train_data", "train-images-idx3-ubyte"), ("train_labels", "train-labels-idx1-ubyte"),

@@ -24,8 +24,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from flax_impl import train as flax_train
-from flax_impl.config import recipe_config
-from flax_impl.reporting import read_metrics
+from flax_impl.common.config import recipe_config
+from flax_impl.common.workdir import read_metrics
 from tests.conftest import synthetic_mnist
 from torch_ref import train as torch_train
 from torch_ref.augment import random_rotate

@@ -1,4 +1,4 @@
-"""flax_impl.fast.conv: the fast-backward convolution equals lax.conv_general_dilated."""
+"""flax_impl.extras.fast.conv: the fast-backward convolution equals lax.conv_general_dilated."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from flax_impl.fast.conv import conv_general_dilated
+from flax_impl.extras.fast.conv import conv_general_dilated
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -1,4 +1,4 @@
-"""flax_impl.fast.pool: the fast max-pool equals nn.max_pool exactly, ties included."""
+"""flax_impl.extras.fast.pool: the fast max-pool equals nn.max_pool exactly, ties included."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flax_impl.fast.pool import max_pool
+from flax_impl.extras.fast.pool import max_pool
 
 
 def value_and_grad(pool, x, cotangent):

@@ -1,4 +1,4 @@
-"""flax_impl.fast.rotate: the shifted copies equal the gather up to their bound, NaN beyond it."""
+"""flax_impl.extras.fast.rotate: the shifted copies equal the gather up to their bound, NaN beyond it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flax_impl import augment
-from flax_impl.fast import rotate as fast_rotate
-from flax_impl.fast.rotate import MAX_SHIFT_RADIUS, rotate_by_shifts, shift_radius
+from flax_impl.extras.fast import rotate as fast_rotate
+from flax_impl.extras.fast.rotate import MAX_SHIFT_RADIUS, rotate_by_shifts, shift_radius
 from tests.test_augment import digits
 
 

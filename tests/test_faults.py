@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flax_impl import train as flax_train
-from flax_impl.reporting import read_metrics
+from flax_impl.common.workdir import read_metrics
 from torch_ref import train as torch_train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import pytest
 
 from flax_impl import core, setup
 from flax_impl import train as flax_train
-from flax_impl.config import Config
-from flax_impl.reporting import read_metrics
+from flax_impl.common.config import Config
+from flax_impl.common.workdir import read_metrics
 from tests.conftest import crash_in_epoch, synthetic_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +96,7 @@ TWO_DEVICE_SCRIPT = """
 import json, sys, jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax_impl import setup, train
-from flax_impl.config import Config
+from flax_impl.common.config import Config
 from tests.conftest import synthetic_mnist
 assert len(jax.devices()) == 2
 config = Config(data_source=sys.argv[1], epochs=2, batch_size=64, eval_batch_size=100)
@@ -157,6 +157,7 @@ def test_validation_must_leave_images_to_train_on(tiny_idx_source, capsys):
 @pytest.mark.parametrize("framework", ["flax", "torch"])
 def test_the_moving_average_is_what_is_scored_saved_and_resumed(tiny_idx_source, tmp_path,
                                                                 monkeypatch, framework):
+    from compare.workdirs import READERS
     from flax_impl.predict import load_trained
     from torch_ref import train as torch_train
 
@@ -164,7 +165,7 @@ def test_the_moving_average_is_what_is_scored_saved_and_resumed(tiny_idx_source,
     config = short_config(tiny_idx_source, epochs=3, ema_decay=0.9, label_smoothing=0.1)
     straight = module.train(config, tmp_path / "straight")
     # What predict/evaluate load scores what training scored: the averaged weights.
-    log_probs, _ = load_trained(tmp_path / "straight")
+    log_probs, _ = load_trained(tmp_path / "straight", READERS)
     data = synthetic_mnist(512, 200)  # the tiny source's digits
     correct = int((np.asarray(log_probs(jnp.asarray(data.test_images))).argmax(-1)
                    == data.test_labels).sum())

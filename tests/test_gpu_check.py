@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from compare import gpu_check
-from flax_impl.data import load_mnist, write_cache
+from flax_impl.common.data import load_mnist, write_cache
 from tests.conftest import synthetic_mnist
 
 

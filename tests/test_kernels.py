@@ -1,4 +1,4 @@
-"""flax_impl.kernels: stock Flax and the fast CPU kernels build equal models and equal runs."""
+"""flax_impl.extras.kernels: stock Flax and the fast CPU kernels build equal models and equal runs."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_impl import augment, core, fast, setup
-from flax_impl.config import MODELS, Config
-from flax_impl.kernels import FAST, STOCK, get_kernels, resolve
-from flax_impl.model import MODELS as FLAX_MODELS
+from flax_impl import augment, core, setup
+from flax_impl.common.config import Config
+from flax_impl.common.errors import ConfigError
+from flax_impl.common.models import MODELS
+from flax_impl.extras import fast
+from flax_impl.extras.kernels import FAST, STOCK, get_kernels, resolve
 from flax_impl.model import create_model
 from tests.conftest import synthetic_mnist
-from torch_ref.model import MODELS as TORCH_MODELS
 from torch_ref.model import create_model as create_torch_model
+
+
+def build(name: str, dropout: float = 0.05, kernels="auto"):
+    return setup.build_model(Config(model=name, dropout=dropout), kernels)
 
 
 def test_auto_is_fast_on_cpu_and_stock_elsewhere():
@@ -32,7 +37,7 @@ def test_auto_is_fast_on_cpu_and_stock_elsewhere():
 def test_stock_kernels_are_plain_flax_and_fast_ones_are_the_cpu_kernels():
     assert STOCK.conv is nn.Conv and STOCK.max_pool is nn.max_pool
     assert STOCK.rotate is augment.rotate
-    stock, quick = create_model("net", kernels="stock"), create_model("net", kernels="fast")
+    stock, quick = build("net", kernels="stock"), build("net", kernels="fast")
     assert stock.conv is nn.Conv and stock.max_pool is nn.max_pool
     assert quick.conv.keywords["conv_general_dilated"] is fast.conv_general_dilated
     assert quick.max_pool is fast.max_pool and FAST.rotate is fast.rotate
@@ -40,9 +45,9 @@ def test_stock_kernels_are_plain_flax_and_fast_ones_are_the_cpu_kernels():
 
 def model_loss_and_grads(name: str, kernels: str, dtype) -> tuple:
     x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1)).astype(dtype)
-    model = create_model(name, 0.0, kernels)
+    model = build(name, 0.0, kernels)
     variables = jax.tree.map(lambda v: v.astype(dtype),
-                             create_model(name, 0.0, "stock").init(jax.random.key(1), x))
+                             create_model(name, 0.0).init(jax.random.key(1), x))
 
     def loss(params):
         out, _ = model.apply({**variables, "params": params}, x, train=True,
@@ -74,9 +79,10 @@ def test_a_short_run_gives_equal_metrics_with_either_kernels():
     def run(kernels):
         run = setup.setup_training(config, data, kernels=kernels, steps_per_call=5)
         state, losses = run.state, []
-        for epoch, first, last in core.chunk_plan(config.epochs, run.steps_per_epoch, 5):
-            state, metrics = run.run_chunk(state, run.plan(epoch), first, last)
-            losses += list(np.asarray(metrics["loss"]))
+        for epoch in range(1, config.epochs + 1):
+            for first, last in core.chunk_bounds(run.steps_per_epoch, 5):
+                state, metrics = run.run_chunk(state, run.plan(epoch), first, last)
+                losses += list(np.asarray(metrics["loss"]))
         return np.array(losses), run.score(state)
 
     (stock_losses, (stock_loss, stock_correct)), (fast_losses, (fast_loss, fast_correct)) = (
@@ -88,16 +94,29 @@ def test_a_short_run_gives_equal_metrics_with_either_kernels():
     assert abs(fast_correct - stock_correct) <= 2
 
 
-def test_each_framework_has_one_strict_registry_of_the_same_models():
-    assert tuple(FLAX_MODELS) == tuple(TORCH_MODELS) == MODELS
-    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+def test_both_frameworks_build_every_model_of_the_one_table_at_its_widths():
+    for name, spec in MODELS.items():
+        flax_model, torch_model = create_model(name), create_torch_model(name)
+        assert flax_model.widths == spec.widths
+        first_conv = torch_model.block1.conv if spec.family == "net" else torch_model.conv1
+        assert first_conv.out_channels == spec.widths[0]
+    with pytest.raises(ConfigError, match="unknown model 'resnet'"):
         create_model("resnet")
-    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+    with pytest.raises(ConfigError, match="unknown model 'resnet'"):
         create_torch_model("resnet")
+
+
+def test_widths_given_replace_the_tables_in_both_frameworks():
+    widths = (6, 8, 10, 10, 12, 12)
+    assert create_model("net", widths=widths).widths == widths
+    assert create_torch_model("net", widths=widths).block6.conv.out_channels == 12
+    assert build("net").widths == MODELS["net"].widths  # the table is untouched
+    with pytest.raises(ConfigError, match="--widths needs 6 positive integers"):
+        create_model("net", widths=(8, 10))
 
 
 def test_a_variant_is_a_replaced_field_not_a_patch():
     variant = dataclasses.replace(FAST, max_pool=nn.max_pool)
-    model = create_model("net", kernels=variant)
+    model = build("net", kernels=variant)
     assert model.max_pool is nn.max_pool and model.conv is FAST.conv
     assert FAST.max_pool is fast.max_pool  # the original is untouched

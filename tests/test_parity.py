@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compare import parity
-from flax_impl.data import load_mnist
+from flax_impl.common.data import load_mnist
 from torch_ref.model import create_model as create_torch_model
 
 pytestmark = pytest.mark.realdata

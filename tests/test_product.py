@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from compare import evaluate as compare_evaluate
 from flax_impl import evaluate, predict
 from flax_impl import train as flax_train
-from flax_impl.config import Config, recipe_config
-from flax_impl.data import load_mnist
+from flax_impl.common.config import Config, recipe_config
+from flax_impl.common.data import load_mnist
 from tests.conftest import synthetic_mnist
 
 pytestmark = pytest.mark.slow
@@ -137,15 +138,19 @@ def test_a_torch_workdir_is_evaluated_through_the_weight_conversion(real_mnist, 
         patch.delenv("MNIST20K_CACHE", raising=False)
         history = torch_train.train(Config(epochs=1, train_examples=6_400), tmp_path)
     capsys.readouterr()
-    assert evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    # The port reads no torch file itself: it names the command that converts the weights.
+    assert evaluate.main(["--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a torch run" in err and "compare.evaluate" in err and len(err.splitlines()) == 1
+    assert compare_evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
     correct = int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
     assert correct == round(history[-1]["test_accuracy"] * 10_000)  # as torch scored it
     # Without model.pt (an unfinished run) the latest checkpoint's weights are used.
     (tmp_path / "model.pt").unlink()
-    assert evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    assert compare_evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
     assert f"Test accuracy: {correct}/10000" in capsys.readouterr().out
     torch.save({"not": "a checkpoint"}, tmp_path / "checkpoint.pt")
-    assert evaluate.main(["--workdir", str(tmp_path)]) == 2
+    assert compare_evaluate.main(["--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "checkpoint.pt is corrupt or not a torch_ref.train file" in err
     assert len(err.splitlines()) == 1
@@ -166,6 +171,6 @@ def test_a_recipes_workdir_records_its_network_and_is_evaluated_as_its_training_
     capsys.readouterr()
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert (recorded["recipe"], recorded["model"]) == (recipe, model)
-    assert evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    assert compare_evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
     correct = int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
     assert correct == round(history[-1]["test_accuracy"] * 10_000)

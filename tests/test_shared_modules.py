@@ -1,22 +1,28 @@
-"""The modules both frameworks share load neither jax nor torch."""
+"""The modules both frameworks share (flax_impl.common) load neither jax nor torch."""
 
 from __future__ import annotations
 
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import flax_impl.common
 
-SCRIPT = """
-import json, sys
-import flax_impl.atomic, flax_impl.config, flax_impl.data, flax_impl.rendezvous, flax_impl.reporting
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = sorted(f"flax_impl.common.{m.name}" for m in pkgutil.iter_modules(flax_impl.common.__path__))
+
+SCRIPT = f"""
+import importlib, json, sys
+for name in {COMMON!r}:
+    importlib.import_module(name)
 print(json.dumps(sorted(m for m in ("jax", "torch", "flax", "optax") if m in sys.modules)))
 """
 
 
-def test_config_data_and_reporting_import_neither_jax_nor_torch():
+def test_every_common_module_imports_neither_jax_nor_torch():
+    assert "flax_impl.common.config" in COMMON and "flax_impl.common.workdir" in COMMON
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, check=True,
                             capture_output=True, text=True)
     assert json.loads(result.stdout) == []
@@ -26,3 +32,43 @@ def test_the_check_sees_a_framework_that_is_imported():
     result = subprocess.run([sys.executable, "-c", "import flax_impl.model\n" + SCRIPT], cwd=ROOT,
                             check=True, capture_output=True, text=True)
     assert "jax" in json.loads(result.stdout)
+
+
+def imported_modules(path) -> set[str]:
+    """The modules a source file imports (absolute names, every `import` and `from` in it)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def package_imports(package: str) -> dict[str, set[str]]:
+    from pathlib import Path
+
+    return {str(path.relative_to(ROOT)): imported_modules(path)
+            for path in sorted(Path(ROOT, package).rglob("*.py"))}
+
+
+def test_the_reference_imports_nothing_of_the_port_but_its_common_modules():
+    for path, names in package_imports("torch_ref").items():
+        port = {n for n in names if n.split(".")[0] == "flax_impl"}
+        assert all(n.startswith("flax_impl.common") for n in port - {"flax_impl"}), (path, port)
+        assert "flax_impl" not in names, path
+
+
+def test_the_port_imports_neither_its_reference_nor_its_proof():
+    for path, names in package_imports("flax_impl").items():
+        assert not {n for n in names if n.split(".")[0] in ("torch_ref", "compare", "torch")}, path
+
+
+def test_the_stock_model_and_core_import_no_optional_layer():
+    imports = package_imports("flax_impl")
+    for path in ("flax_impl/model.py", "flax_impl/core.py", "flax_impl/augment.py"):
+        assert not {n for n in imports[path] if "extras" in n or n.endswith("distributed")}, path
+    optional = {n for n in imports["flax_impl/train.py"] if "extras" in n}
+    assert not optional, "train.py reaches the optional layers through flax_impl.setup"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from compare.params import parameter_table
-from flax_impl.config import Config
-from flax_impl.reporting import read_metrics
+from flax_impl.common.config import Config
+from flax_impl.common.workdir import read_metrics
 from tests.conftest import crash_in_epoch, synthetic_mnist
 from torch_ref import core as torch_core
 from torch_ref import train as torch_train
@@ -100,7 +100,7 @@ def test_device_cuda_without_a_gpu_is_one_line_error(tiny_idx_source, capsys):
 
 
 def test_auto_device_is_the_cpu_here_and_the_run_lives_on_it(tiny_idx_source, capsys):
-    from flax_impl.data import load_mnist
+    from flax_impl.common.data import load_mnist
     from torch_ref.setup import setup_training
 
     run = setup_training(Config(data_source=tiny_idx_source), load_mnist(tiny_idx_source))

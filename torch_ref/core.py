@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from flax_impl.config import Config
+from flax_impl.common.config import Config
 from torch_ref.augment import random_rotate
 from torch_ref.model import to_inputs
 

@@ -20,9 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from flax_impl.config import ConfigError
-from flax_impl.rendezvous import DEFAULT_TIMEOUT, DistributedError, wait_for_coordinator
-from flax_impl.reporting import exit_at_once, first_line
+from flax_impl.common.errors import ConfigError, exit_at_once, first_line
+from flax_impl.common.rendezvous import DEFAULT_TIMEOUT, DistributedError, wait_for_coordinator
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flax_impl.config import NET_WIDTHS, TINYNET_WIDTHS, WIDENET_WIDTHS
-from flax_impl.data import normalize
+from flax_impl.common.data import normalize
+from flax_impl.common.models import MODELS, model_spec, model_widths
 
 
 def to_inputs(images: torch.Tensor, augment: Callable | None = None,
@@ -44,11 +44,11 @@ class Net(nn.Module):
     """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
 
     Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
-    `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower
-    (TINYNET_WIDTHS) and wider (WIDENET_WIDTHS).
+    `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower and wider
+    (the model table, `flax_impl.common.models`).
     """
 
-    def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = NET_WIDTHS):
+    def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths):
         super().__init__()
         w1, w2, w3, w4, w5, w6 = widths
         self.block1 = ConvBlock(1, w1, dropout)
@@ -72,17 +72,19 @@ class SeedNet(nn.Module):
 
     3x3 convs of 32, 64 (padding 1), 2x2 max-pool, 128, 256 (padding 1), 2x2 max-pool, 512, 1024
     (no padding: 7 -> 5 -> 3), 10 (3 -> 1); ReLU after each conv but the last; log-softmax.
+    `widths`: the first six convs' channels.
     """
 
-    def __init__(self):
+    def __init__(self, widths: tuple[int, ...] = MODELS["seednet"].widths):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
-        self.conv4 = nn.Conv2d(128, 256, 3, padding=1)
-        self.conv5 = nn.Conv2d(256, 512, 3)
-        self.conv6 = nn.Conv2d(512, 1024, 3)
-        self.conv7 = nn.Conv2d(1024, 10, 3)
+        w1, w2, w3, w4, w5, w6 = widths
+        self.conv1 = nn.Conv2d(1, w1, 3, padding=1)
+        self.conv2 = nn.Conv2d(w1, w2, 3, padding=1)
+        self.conv3 = nn.Conv2d(w2, w3, 3, padding=1)
+        self.conv4 = nn.Conv2d(w3, w4, 3, padding=1)
+        self.conv5 = nn.Conv2d(w4, w5, 3)
+        self.conv6 = nn.Conv2d(w5, w6, 3)
+        self.conv7 = nn.Conv2d(w6, 10, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
@@ -91,17 +93,11 @@ class SeedNet(nn.Module):
         return F.log_softmax(x.flatten(1), dim=1)
 
 
-# name -> (dropout) -> model; SeedNet has no dropout.
-MODELS: dict[str, Callable[[float], nn.Module]] = {
-    "net": Net,
-    "tinynet": lambda dropout: Net(dropout, TINYNET_WIDTHS),
-    "widenet": lambda dropout: Net(dropout, WIDENET_WIDTHS),
-    "seednet": lambda dropout: SeedNet(),
-}
-
-
-def create_model(name: str, dropout: float = 0.05) -> nn.Module:
-    """A fresh model by name (a key of MODELS)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name](dropout)
+def create_model(name: str, dropout: float = 0.05,
+                 widths: tuple[int, ...] | None = None) -> nn.Module:
+    """A fresh model `name` of the table (`flax_impl.common.models`), at `widths` (default: its
+    own)."""
+    family, widths = model_spec(name).family, model_widths(name, widths)
+    if family == "seednet":  # no dropout
+        return SeedNet(widths)
+    return Net(dropout, widths)

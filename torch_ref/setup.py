@@ -12,8 +12,9 @@ import dataclasses
 
 import torch
 
-from flax_impl.config import Config, ConfigError
-from flax_impl.data import Mnist
+from flax_impl.common.config import Config
+from flax_impl.common.data import Mnist
+from flax_impl.common.errors import ConfigError
 from torch_ref.core import create_ema, create_optimizer, evaluate, train_step
 from torch_ref.distributed import SINGLE, Group, distribute
 from torch_ref.model import create_model
@@ -104,7 +105,7 @@ def setup_training(config: Config, data: Mnist, device: str = "auto", group: Gro
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = resolve_device(device)
-    model = create_model(config.model, config.dropout).to(device)
+    model = create_model(config.model, config.dropout, config.widths).to(device)
     train_model = distribute(model, group, device)
     if group.rank:  # the same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(config.seed + 7919 * group.rank)

@@ -1,7 +1,7 @@
 """Train the PyTorch reference: `python -m torch_ref.train` (see --help).
 
 The run layer around `torch_ref.core` (set up by `torch_ref.setup`), mirroring
-`flax_impl.train`: one loop over steps with periodic actions (progress bar, evaluation,
+`flax_impl.train`: a loop over epochs and, in each, over steps (progress bar, evaluation,
 checkpoint), the workdir and the command line; on one process or, under torchrun, several
 (`torch_ref.distributed`).
 """
@@ -16,22 +16,19 @@ from pathlib import Path
 
 import torch
 
-from flax_impl.atomic import atomic_write
-from flax_impl.config import Config, ConfigError, build_parser, config_from_args
-from flax_impl.data import load_mnist
-from flax_impl.reporting import (
+from flax_impl.common.atomic import atomic_write
+from flax_impl.common.config import Config, build_parser, config_from_args
+from flax_impl.common.data import load_mnist
+from flax_impl.common.errors import (
+    ConfigError,
     WorkdirError,
     diverged,
-    epoch_bar,
     first_line,
     peers_watched,
-    prepare_workdir,
-    printing,
-    record_epoch,
     run_command,
-    summary_line,
-    write_epoch_files,
 )
+from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
+from flax_impl.common.workdir import prepare_workdir, write_epoch_files
 from torch_ref import distributed
 from torch_ref.setup import DEVICES, Setup, resolve_device, setup_training
 
@@ -155,32 +152,24 @@ def train_loop(run: Setup, workdir: Path | None, resume: bool) -> list[dict]:
     config, steps, group = run.config, run.steps_per_epoch, run.group
     checkpoint = workdir / CHECKPOINT_FILE if workdir else None
     history = resume_point(run, checkpoint) if resume else []
-    bar = None
-    try:
-        for global_step in range(len(history) * steps, config.epochs * steps):
-            epoch, step = global_step // steps + 1, global_step % steps
-            if step == 0:  # an epoch starts
-                order, started = run.plan(), time.perf_counter()
-                loss_sum = torch.zeros((), device=run.device)
-                bar = epoch_bar(epoch, config.epochs, steps, disable=not group.primary)
-            loss_sum += run.run_step(order, step)
-            bar.update()
-            if step % BAR_EVERY == 0 or step == steps - 1:  # a host sync (and a collective)
-                mean_loss = group.sum([loss_sum.item()])[0] / group.world_size / (step + 1)
-                if not math.isfinite(mean_loss):
-                    raise diverged(mean_loss, epoch, f"1-{step + 1}")
-                bar.set_postfix_str(f"loss={mean_loss:.4f}")
-            if step == steps - 1:  # the epoch is done: evaluate, record, checkpoint
-                bar = bar.close()  # None
-                record_epoch(history, epoch, mean_loss, *run.score(),
-                             len(run.eval_data[1]), time.perf_counter() - started,
-                             config.eval_split)
-                if checkpoint:
-                    save_checkpoint(checkpoint, run, history)
-                write_epoch_files(workdir if group.primary else None, history)
-    finally:
-        if bar is not None:
-            bar.close()
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        order, started = run.plan(), time.perf_counter()
+        loss_sum = torch.zeros((), device=run.device)
+        with epoch_bar(epoch, config.epochs, steps, disable=not group.primary) as bar:
+            for step in range(steps):
+                loss_sum += run.run_step(order, step)
+                bar.update()
+                if step % BAR_EVERY == 0 or step == steps - 1:  # a host sync (and a collective)
+                    mean_loss = group.sum([loss_sum.item()])[0] / group.world_size / (step + 1)
+                    if not math.isfinite(mean_loss):
+                        raise diverged(mean_loss, epoch, f"1-{step + 1}")
+                    bar.set_postfix_str(f"loss={mean_loss:.4f}")
+        # The epoch is done: evaluate, record, checkpoint.
+        record_epoch(history, epoch, mean_loss, *run.score(), len(run.eval_data[1]),
+                     time.perf_counter() - started, config.eval_split)
+        if checkpoint:
+            save_checkpoint(checkpoint, run, history)
+        write_epoch_files(workdir if group.primary else None, history)
     return history
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import time
 
-from flax_impl.config import ConfigError
+from flax_impl.common.errors import ConfigError
 
 DEFAULT_TIMEOUT = 120  # seconds to wait for all processes to join (and, in jax, a silent one)
 

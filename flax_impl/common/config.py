@@ -12,14 +12,9 @@ import json
 import math
 from pathlib import Path
 
-from flax_impl.data import SOURCES
-
-MODELS = ("net", "tinynet", "widenet", "seednet")
-# The channels of Net's six conv blocks, and of TinyNet's and WideNet's (the same network,
-# narrower or wider).
-NET_WIDTHS = (10, 16, 16, 16, 24, 32)  # 17,064 parameters
-TINYNET_WIDTHS = (8, 10, 12, 12, 14, 14)  # 6,734 parameters
-WIDENET_WIDTHS = (10, 16, 20, 20, 24, 32)  # 19,816 parameters: the fast recipe's
+from flax_impl.common.data import SOURCES
+from flax_impl.common.errors import ConfigError
+from flax_impl.common.models import MODELS, model_widths, parse_widths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +22,8 @@ class Config:
     """One training run. The defaults are the documented ("default") recipe."""
 
     recipe: str = "default"  # the preset the other fields started from (RECIPES)
-    model: str = "net"
+    model: str = "net"  # a key of flax_impl.common.models.MODELS
+    widths: tuple[int, ...] | None = None  # the conv blocks' channels; None: the model's own
     epochs: int = 20
     batch_size: int = 128
     # SGD with Nesterov momentum and L2 weight decay (torch's `weight_decay`, on every parameter).
@@ -86,10 +82,6 @@ class Config:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-class ConfigError(ValueError):
-    """A bad flag value, described in one line."""
-
-
 # Each recipe: the fields it changes from the dataclass defaults (the "default" recipe).
 RECIPES: dict[str, dict] = {
     "default": {},
@@ -113,8 +105,7 @@ def recipe_config(recipe: str = "default", **overrides) -> Config:
 
 def validate(config: Config) -> Config:
     """Raise ConfigError for values no run can use; return `config` unchanged."""
-    if config.model not in MODELS:
-        raise ConfigError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    model_widths(config.model, config.widths)  # a known model, and six positive widths
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
@@ -161,6 +152,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
     recipe_flag("--model", "network to train (seednet is the seed README's >20k base network)",
                 choices=MODELS)
+    parser.add_argument("--widths", type=parse_widths, default=None, metavar="W1,...,W6",
+                        help="the six conv blocks' channels, e.g. 8,10,12,12,14,14 (default: "
+                             "the model's own, flax_impl/common/models.py)")
     recipe_flag("--epochs", type=int)
     recipe_flag("--batch-size", type=int)
     recipe_flag("--lr", "peak learning rate", type=float)

@@ -13,7 +13,7 @@ convolutions our models use (NHWC/HWIO, stride 1, no dilation, no groups) this m
   (im2col without materialising the patches), in a loop over the taps; for the first layer one
   product with the im2col matrix.
 
-Values and gradients equal `lax.conv_general_dilated`'s to float tolerance (tests/test_conv.py).
+Values and gradients equal `lax.conv_general_dilated`'s to float tolerance (tests/test_fast_conv.py).
 Any other convolution falls back to `lax.conv_general_dilated` unchanged. Plug it into Flax with
 ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``.
 """

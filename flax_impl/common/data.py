@@ -38,7 +38,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flax_impl.atomic import atomic_write
+from flax_impl.common.atomic import atomic_write
+from flax_impl.common.errors import DataError
 
 log = logging.getLogger("mnist20k.data")
 
@@ -71,10 +72,6 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 CACHE_FILE = "mnist.npz"
-
-
-class DataError(RuntimeError):
-    """A problem with the data, described in one line that says how to fix it."""
 
 
 class Mnist(NamedTuple):

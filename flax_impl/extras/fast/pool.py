@@ -12,7 +12,7 @@ and its gradient an element-wise select:
   background gives equal activations, and sending the gradient to every tied element would
   change the training.
 
-Values and gradients equal `nn.max_pool`'s exactly (tests/test_pool.py). Other poolings fall back
+Values and gradients equal `nn.max_pool`'s exactly (tests/test_fast_pool.py). Other poolings fall back
 to `nn.max_pool` unchanged.
 """
 

@@ -2,7 +2,7 @@
 
 - "stock": `nn.Conv`, `nn.max_pool` and `augment.rotate` (a gather): plain Flax, what runs on
   GPU/TPU;
-- "fast": the CPU kernels of `flax_impl.fast`, equal in value and gradient;
+- "fast": the CPU kernels of `flax_impl.extras.fast`, equal in value and gradient;
 - "auto": "fast" on the CPU backend, "stock" elsewhere.
 
 The model takes its convolution and pooling as fields (as Flax's ImageNet `ResNet` takes
@@ -19,7 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from flax_impl import augment, fast
+from flax_impl import augment
+from flax_impl.extras import fast
 
 KERNELS = ("auto", "stock", "fast")
 

@@ -18,9 +18,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flax_impl.config import ConfigError
-from flax_impl.rendezvous import DEFAULT_TIMEOUT, DistributedError, wait_for_coordinator
-from flax_impl.reporting import exit_at_once, first_line
+from flax_impl.common.errors import ConfigError, exit_at_once, first_line
+from flax_impl.common.rendezvous import DEFAULT_TIMEOUT, DistributedError, wait_for_coordinator
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,93 @@
+"""The errors every command reports in one line, and their exit codes.
+
+Imports neither jax nor torch. `run_command` turns them into a message on stderr and an exit
+status: 2 for bad flags, data or workdirs; 3 for a diverged run; 4 for a lost process of a
+multi-process run; 128 + N for signal N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+
+BAD_INPUT_EXIT = 2
+DIVERGED_EXIT = 3
+LOST_PEER_EXIT = 4
+
+
+class ConfigError(ValueError):
+    """A bad flag value, described in one line."""
+
+
+class DataError(RuntimeError):
+    """A problem with the data, described in one line that says how to fix it."""
+
+
+class WorkdirError(RuntimeError):
+    """A workdir that cannot be used as asked, described in one line."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (divergence or a signal), described in one line."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to one line (its type's name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+def diverged(loss: float, epoch: int, steps: str) -> TrainingStopped:
+    """The error for a NaN/inf training loss (exit status 3)."""
+    return TrainingStopped(f"the training loss became {loss} in epoch {epoch} (steps {steps}); "
+                           f"stopped, the last good checkpoint is kept; try a lower --lr",
+                           exit_code=DIVERGED_EXIT)
+
+
+def run_command(body: Callable[[], object]) -> int:
+    """Run a command's body; its one-line errors become a message on stderr and an exit status.
+
+    Bad flags, data or workdirs: 2. TrainingStopped: its own status (3 for a NaN loss, 4 for a
+    lost process of a multi-process run, 128 + the signal's number for SIGINT/SIGTERM).
+    """
+    try:
+        body()
+    except (ConfigError, DataError, WorkdirError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return BAD_INPUT_EXIT
+    except TrainingStopped as stopped:
+        # A signal's stop is no error: it saved a checkpoint to resume from.
+        print(str(stopped) if stopped.exit_code >= 128 else f"error: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    return 0
+
+
+@contextlib.contextmanager
+def peers_watched(who: str | None):
+    """In a multi-process run (`who`: this process, e.g. "rank 0 of 2"; None for a single one),
+    a failed collective, i.e. another process died or stopped, becomes a one-line
+    TrainingStopped (exit status 4) instead of a traceback."""
+    try:
+        yield
+    except (ConfigError, DataError, WorkdirError, TrainingStopped):
+        raise
+    except (RuntimeError, ValueError) as error:  # what jax and torch raise when one fails
+        if who is None:
+            raise
+        raise TrainingStopped(
+            f"{who}: a collective failed ({first_line(error)}); another process has died or "
+            f"stopped, so this one stops too; restart all of them with --resume",
+            exit_code=LOST_PEER_EXIT) from None
+
+
+def exit_at_once(exit_code: int) -> None:
+    """Flush and end the process with `exit_code`, skipping exit hooks: after a failure in a
+    multi-process run, the frameworks' hooks would wait for peers that may be dead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -1,0 +1,64 @@
+"""The model table: each network's name, shape and parameter budget, defined once.
+
+Read by both frameworks' `create_model` and by `compare.params`. Imports neither jax nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax_impl.common.errors import ConfigError
+
+PARAMETER_LIMIT = 20_000  # the project's budget
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A network of the table.
+
+    family: "net" (six 3x3 conv blocks, one max-pool, global average pooling, a linear head) or
+    "seednet" (the seed README's plain stack of seven 3x3 convs). widths: the channels of the six
+    conv blocks (net) or of the first six convs (seednet). budget: the parameter count it must
+    stay under (None: measured against PARAMETER_LIMIT only).
+    """
+
+    family: str
+    widths: tuple[int, ...]
+    budget: int | None = None
+
+
+MODELS: dict[str, ModelSpec] = {
+    "net": ModelSpec("net", (10, 16, 16, 16, 24, 32), PARAMETER_LIMIT),  # the default recipe's
+    "tinynet": ModelSpec("net", (8, 10, 12, 12, 14, 14), 7_000),
+    "widenet": ModelSpec("net", (10, 16, 20, 20, 24, 32), PARAMETER_LIMIT),  # the fast recipe's
+    "seednet": ModelSpec("seednet", (32, 64, 128, 256, 512, 1024)),
+}
+NUM_WIDTHS = 6
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The table's entry for `name` (ConfigError for an unknown one)."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def model_widths(name: str, widths: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The channels model `name` is built with: `widths` where given, else the table's."""
+    spec = model_spec(name)
+    if widths is None:
+        return spec.widths
+    widths = tuple(widths)
+    if len(widths) != NUM_WIDTHS or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ConfigError(f"--widths needs {NUM_WIDTHS} positive integers (e.g. "
+                          f"{','.join(map(str, spec.widths))}), got {','.join(map(str, widths))}")
+    return widths
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """'8,10,12,12,14,14' -> (8, 10, 12, 12, 14, 14) (ConfigError if not integers)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--widths takes {NUM_WIDTHS} comma-separated integers, e.g. "
+                          f"8,10,12,12,14,14; got {text!r}") from None
