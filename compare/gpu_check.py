@@ -37,8 +37,8 @@ from flax_impl.common.errors import WorkdirError
 from flax_impl.common.workdir import read_metrics, workdir_record
 
 # (name, command after `python -m`, seconds allowed, its training workdir or None); the
-# limits add up to 580 s, inside one 600-second device command (on an H200 the first four
-# took 57, 61, 56 and 57 s).
+# limits add up to 580 s, inside one 600-second device command (results/gpu/ has what each
+# took).
 FULL_STEPS = [
     ("parity", ["compare.parity", "--device", "auto"], 120, None),
     ("speed", ["compare.speed", "--ablation", "--no-epoch", "--steps", "312",

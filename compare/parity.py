@@ -190,15 +190,16 @@ def check_train_mode(data: Mnist, device: torch.device = CPU, name: str = "net"
 
 
 def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU,
-                    recipe: Config = NO_NOISE) -> tuple[float, float]:
-    """`steps` SGD steps of each framework's own train step from the same weights on the same
-    batches, in `dtype`, with `recipe`'s loss and moving average (rotation and dropout off):
-    (largest loss gap, largest relative gap of the scored weights and statistics at the end:
-    the moving average's where the recipe keeps one)."""
-    config = dataclasses.replace(recipe, max_rotation=0.0, dropout=0.0, epochs=1,
-                                 train_examples=steps * BATCH)
-    torch_model = warmed_torch_model("net", data, device).train()
-    variables = torch_to_flax(torch_model.state_dict(), "net")
+                    recipe: Config = NO_NOISE, model: str = "net", batch: int = BATCH
+                    ) -> tuple[float, float, float | None]:
+    """`steps` SGD steps of each framework's own train step of `model` from the same weights on
+    the same batches of `batch` images, in `dtype`, with `recipe`'s loss and moving average
+    (rotation and dropout off): (largest loss gap, largest relative gap of the weights and
+    statistics at the end, the same for the moving average of the weights; None without one)."""
+    config = dataclasses.replace(recipe, max_rotation=0.0, dropout=0.0, epochs=1, model=model,
+                                 batch_size=batch, train_examples=steps * batch)
+    torch_model = warmed_torch_model(model, data, device).train()
+    variables = torch_to_flax(torch_model.state_dict(), model)
     torch_model = torch_model.to(torch.float64 if dtype == np.float64 else torch.float32)
     optimizer, scheduler = torch_core.create_optimizer(torch_model, config, steps)
     ema = torch_core.create_ema(torch_model, config.ema_decay) if config.ema_decay else None
@@ -213,8 +214,8 @@ def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU,
                                   ema_params=params if config.ema_decay else {})
         step = jax.jit(run.train_step)
         for i in range(steps):
-            images = data.train_images[i * BATCH:(i + 1) * BATCH]
-            labels = data.train_labels[i * BATCH:(i + 1) * BATCH]
+            images = data.train_images[i * batch:(i + 1) * batch]
+            labels = data.train_labels[i * batch:(i + 1) * batch]
             torch_loss = torch_core.train_step(torch_model, optimizer, scheduler,
                                                torch.from_numpy(images).to(device),
                                                torch.from_numpy(labels).long().to(device), config,
@@ -224,27 +225,33 @@ def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU,
             state, metrics = step(state, (jnp.asarray(images), jnp.asarray(labels)),
                                   jax.random.key(i))
             loss_gap = max(loss_gap, abs(float(metrics["loss"]) - torch_loss.item()))
-        final = jax.tree.map(np.asarray, flax_core.eval_variables(state))
-    converted = flax_to_torch(final, "net")
-    scored = ema.module if ema is not None else torch_model
-    param_gap = max(max_abs(converted[k], p.detach().cpu()) / max(float(p.abs().max()), 1e-12)
-                    for k, p in scored.state_dict().items() if p.is_floating_point())
-    return loss_gap, param_gap
+        live = jax.tree.map(np.asarray, flax_core.variables_of(state))
+        averaged = jax.tree.map(np.asarray, flax_core.eval_variables(state))
+
+    def relative_gap(flax_variables: dict, torch_module: torch.nn.Module) -> float:
+        converted = flax_to_torch(flax_variables, model)
+        return max(max_abs(converted[k], p.detach().cpu()) / max(float(p.abs().max()), 1e-12)
+                   for k, p in torch_module.state_dict().items() if p.is_floating_point())
+
+    return (loss_gap, relative_gap(live, torch_model),
+            relative_gap(averaged, ema.module) if ema is not None else None)
 
 
 def check_optimizer_steps(data: Mnist, steps: int = 100, float32_drift: bool = True,
-                          device: torch.device = CPU) -> list[Check]:
-    """3. `steps` optimizer steps: exact maths in float64, also with a moving average of the
-    weights; optionally the float32 drift."""
-    loss64, params64 = optimizer_steps(data, steps, np.float64, device)
-    averaged = optimizer_steps(data, steps, np.float64, device,
-                               dataclasses.replace(NO_NOISE, ema_decay=0.9))[1]
+                          device: torch.device = CPU, model: str = "net", batch: int = BATCH
+                          ) -> list[Check]:
+    """3. `steps` optimizer steps of `model` at `batch` images: exact maths in float64, the
+    moving average of the weights with it (one run); optionally the float32 drift."""
+    loss64, params64, averaged = optimizer_steps(
+        data, steps, np.float64, device, dataclasses.replace(NO_NOISE, ema_decay=0.9), model,
+        batch)
     checks = [Check(f"{steps} SGD steps, float64: loss, max |difference|", loss64, 1e-6),
               Check(f"{steps} SGD steps, float64: weights and stats (relative)", params64, 1e-5),
               Check(f"{steps} SGD steps, float64: moving average 0.9 of the weights (relative)",
                     averaged, 1e-5, "torch's AveragedModel(get_ema_multi_avg_fn(0.9))")]
     if float32_drift:
-        loss32, params32 = optimizer_steps(data, steps, np.float32, device)
+        loss32, params32, _ = optimizer_steps(data, steps, np.float32, device, model=model,
+                                              batch=batch)
         drift = (f"float32 rounding differences grow chaotically at the peak rate: after "
                  f"{steps} steps the weights differ by {params32:.2g} (relative)")
         checks.append(Check(f"{steps} SGD steps, float32: loss, max |difference|", loss32, 0.1,

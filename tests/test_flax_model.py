@@ -68,3 +68,19 @@ def test_dropout_drops_whole_channels_only_in_training():
                            mutable=["batch_stats"])[0]
 
     assert not np.allclose(train(jax.random.key(2)), train(jax.random.key(3)))
+
+
+def test_both_frameworks_start_from_torchs_default_initialisation():
+    import torch
+
+    from torch_ref.model import create_model as create_torch_model
+
+    torch.manual_seed(0)
+    torch_kernel = create_torch_model("widenet").block6.conv.weight.detach().numpy()
+    params = create_model("widenet").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    flax_kernel, head_bias = np.asarray(params["block6"]["conv"]["kernel"]), params["head"]["bias"]
+    bound = 1 / np.sqrt(9 * 24)  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3 * 3 * 24
+    for kernel in (flax_kernel, torch_kernel):
+        assert np.abs(kernel).max() <= bound
+        assert np.std(kernel) == pytest.approx(bound / np.sqrt(3), rel=0.05)
+    assert np.abs(np.asarray(head_bias)).max() <= 1 / np.sqrt(32)

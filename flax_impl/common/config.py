@@ -85,12 +85,11 @@ class Config:
 # Each recipe: the fields it changes from the dataclass defaults (the "default" recipe).
 RECIPES: dict[str, dict] = {
     "default": {},
-    # TinyNet (6,734 parameters) trains without dropout: at this width it underfits rather than
-    # overfits (validation split, README "TinyNet").
+    # TinyNet trains without dropout: at this width it underfits rather than overfits
+    # (chosen on the validation split, docs/recipes.md).
     "tinynet": {"model": "tinynet", "dropout": 0.0},
-    # 99.4 % in 3 epochs, chosen on the validation split over 10-12 seeds per variant
-    # (results/fast_recipe/, README "The fast recipe"). In 3 epochs the network underfits: no
-    # dropout, the widest shape under 20k, label smoothing, and twice the peak rate.
+    # 3 epochs, chosen on the validation split (docs/recipes.md). In 3 epochs the network
+    # underfits: no dropout, the widest shape under 20k, label smoothing, twice the peak rate.
     "fast": {"model": "widenet", "epochs": 3, "lr": 0.2, "dropout": 0.0,
              "label_smoothing": 0.1},
 }
