@@ -148,6 +148,7 @@ def test_flop_count_agrees_with_torchs_flop_counter():
     assert speed.train_flops_per_image() == counter.get_total_flops() / 4
 
 
+@pytest.mark.slow
 def test_each_ablation_variant_compiles_to_another_step():
     """Each variant must change the compiled step (else the ablation times the default twice)."""
 

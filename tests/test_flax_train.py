@@ -78,6 +78,7 @@ def test_same_seed_gives_the_same_metrics(tiny_idx_source):
     assert first[0]["test_loss"] == second[0]["test_loss"]
 
 
+@pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, monkeypatch):
     config = short_config(tiny_idx_source, epochs=3)
     uninterrupted = flax_train.train(config, tmp_path / "straight")
@@ -154,6 +155,7 @@ def test_validation_must_leave_images_to_train_on(tiny_idx_source, capsys):
     assert "--validation 512 leaves none of the 512 training images" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["flax", "torch"])
 def test_the_moving_average_is_what_is_scored_saved_and_resumed(tiny_idx_source, tmp_path,
                                                                 monkeypatch, framework):

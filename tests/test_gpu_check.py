@@ -36,6 +36,7 @@ def test_quick_check_runs_every_step_and_writes_at_most_eight_files(tiny_idx_sou
     assert "every step passed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_failing_step_is_reported_and_the_others_still_run(tiny_idx_source, tmp_path,
                                                              monkeypatch):
     steps = [("parity", ["compare.parity", "--device", "tpu"], 60, ()),
