@@ -83,12 +83,18 @@ def create_train_state(key: jax.Array, model: nn.Module, tx: optax.GradientTrans
                        ema: bool = False) -> TrainState:
     """Initial parameters (torch's default initialisation), BatchNorm statistics, optimizer state
     and, with `ema`, the moving average of the parameters (their copy until the first step)."""
-    variables = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
-    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                              batch_stats=variables.get("batch_stats", {}),
-                              # a copy: a donated state must not hold one buffer twice
-                              ema_params=jax.tree.map(jnp.copy, variables["params"]) if ema else {})
-    return state.replace(step=jnp.zeros((), jnp.int32))
+
+    def create(key):
+        variables = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
+        state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                  batch_stats=variables.get("batch_stats", {}),
+                                  # a copy: a donated state must not hold one buffer twice
+                                  ema_params=jax.tree.map(jnp.copy, variables["params"])
+                                  if ema else {})
+        return state.replace(step=jnp.zeros((), jnp.int32))
+
+    # One compiled program instead of one per operation of the initialisation: the same values.
+    return jax.jit(create)(key)
 
 
 def variables_of(state: TrainState) -> dict:
