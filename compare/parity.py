@@ -371,7 +371,7 @@ def check_saved_torch_model(data: Mnist, path: str, device: torch.device = CPU) 
         torch_model = create_torch_model("net", dropout=0.0).to(device)
         torch_model.load_state_dict(state_dict)
         variables = torch_to_flax(state_dict)
-    except (OSError, RuntimeError, ConversionError, pickle.UnpicklingError) as error:
+    except (OSError, EOFError, RuntimeError, ConversionError, pickle.UnpicklingError) as error:
         raise ParityInputError(f"cannot use {path} as a torch Net state_dict "
                                f"({type(error).__name__}: {str(error).splitlines()[0]}); "
                                f"pass the model.pt of a torch_ref.train workdir") from None

@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None, readers: dict[str, WorkdirReader] | None
                         help="default: the source the model was trained with")
     parser.add_argument("--out", type=Path, default=None, help="where the pictures go")
     args = parser.parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file; name a directory for the pictures",
+              file=sys.stderr)
+        return 2
     try:
         log_probs, config = load_trained(args.workdir, readers)
         data = load_mnist(args.data_source or config.data_source)

@@ -1,6 +1,7 @@
 """Classify digit images with a trained model: `python -m flax_impl.predict --workdir DIR IMAGE...`.
 
-Any PNG/JPEG (any size, colour or grey) is preprocessed the way MNIST was made: grey, inverted if
+Any PNG/JPEG (colour or grey, 8 or 16 bits, a palette, transparency, EXIF orientation; up to
+MAX_PIXELS) is preprocessed the way MNIST was made: grey, inverted if
 it is dark-on-light, cropped to the digit, scaled to fit 20x20, centred by its centre of mass in
 28x28, normalised. Prints per file the digit and its probability (`--top K` for the K best).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flax_impl import setup
 from flax_impl.common.errors import WorkdirError
@@ -64,9 +65,42 @@ def load_trained(workdir: str | Path, readers: dict[str, WorkdirReader] | None =
     return log_probs, config
 
 
+MAX_PIXELS = 50_000_000  # larger images are refused before they are decoded
+
+
+def grey_pixels(image: Image.Image) -> np.ndarray:
+    """An image as users have it -> float32 grey in [0, 255], upright.
+
+    EXIF orientation applied; 16-bit (and 32-bit integer) grey scaled to 8 bits, not cut;
+    palettes expanded; transparency composited on the background the image implies: white
+    behind dark strokes, black behind light ones.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        values = np.asarray(image, np.float64)
+        if image.mode.startswith("I;16") or 255 < values.max() <= 65535:
+            values = values * (255.0 / 65535.0)
+        elif values.max() > 65535:
+            values = values * (255.0 / np.iinfo(np.int32).max)
+        return values.astype(np.float32)
+    if image.mode == "F":
+        values = np.asarray(image, np.float32)
+        return values * 255.0 if values.max() <= 1.0 else values
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), np.float32)
+        grey = np.asarray(image.convert("RGBA").convert("L"), np.float32)
+        alpha = rgba[..., 3] / 255.0
+        if alpha.min() < 1.0:
+            strokes = (grey * alpha).sum() / max(alpha.sum(), 1e-6)  # the opaque pixels' grey
+            background = 0.0 if strokes > 127 else 255.0
+            return grey * alpha + background * (1 - alpha)
+        return grey
+    return np.asarray(image.convert("L"), np.float32)
+
+
 def mnist_style(image: Image.Image) -> np.ndarray:
     """Any picture of one digit -> uint8 (28, 28), white digit on black, as MNIST's were made."""
-    grey = np.asarray(image.convert("L"), np.float32)
+    grey = grey_pixels(image)
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if np.median(border) > 127:  # dark digit on a light background
         grey = 255.0 - grey
@@ -97,10 +131,18 @@ def read_image(path: Path) -> np.ndarray:
     """A file -> MNIST-style uint8 (28, 28); ImageError with one line if it cannot be."""
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"{width}x{height} pixels is too large (at most "
+                                 f"{MAX_PIXELS:,}); scale it down first")
             image.load()
             return mnist_style(image)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: a directory, not an image") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: too large to decode safely; scale it down first") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (PNG, JPEG, ...)") from None
     except (OSError, SyntaxError) as error:

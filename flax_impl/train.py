@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+import shutil
 import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
@@ -27,12 +28,19 @@ from flax_impl.common.errors import (
     TrainingStopped,
     WorkdirError,
     diverged,
+    exploded,
     first_line,
     peers_watched,
     run_command,
 )
 from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
-from flax_impl.common.workdir import load_config, prepare_workdir, write_epoch_files
+from flax_impl.common.workdir import (
+    check_workdir,
+    load_config,
+    prepare_workdir,
+    workdir_lock,
+    write_epoch_files,
+)
 from flax_impl.core import TrainState, chunk_bounds, create_optimizer, create_train_state, eval_variables
 from flax_impl.setup import Setup, setup_training
 
@@ -50,20 +58,36 @@ class Progress:
     history: list[dict] = dataclasses.field(default_factory=list)
 
 
-def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: Path, read_only: bool = False) -> ocp.CheckpointManager:
     """Orbax manager of `workdir/checkpoints`, named by global step; the latest two are kept.
 
     Orbax writes each checkpoint to a temporary directory and renames it when complete.
+    `read_only`: for reading a finished run (creates and deletes nothing).
     """
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    if read_only:  # (the options that only saving uses are unset: orbax warns otherwise)
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                               save_interval_steps=0,
+                                               enable_async_checkpointing=False)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
     return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
 
 
 def save_checkpoint(manager: ocp.CheckpointManager | None, state: TrainState,
                     progress: Progress) -> None:
-    """Save `state` and `progress` (nothing without a manager, i.e. without a workdir)."""
+    """Save `state` and `progress` (nothing without a manager, i.e. without a workdir).
+
+    A disk without room for it is a WorkdirError before Orbax starts writing (Orbax's own
+    failure mid-write logs a traceback per file); the last complete checkpoint stays.
+    """
     if manager is None:
         return
+    needed = 2 * sum(leaf.nbytes for leaf in jax.tree.leaves(state)) + 2**16  # with metadata
+    free = shutil.disk_usage(manager.directory).free
+    if free < needed:
+        raise WorkdirError(f"the disk holding {manager.directory} has {free / 2**20:.1f} MiB "
+                           f"free, a checkpoint needs about {needed / 2**20:.1f}; the last "
+                           f"complete checkpoint is kept: free some space, then --resume")
     manager.save(int(state.step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         progress=ocp.args.JsonSave(dataclasses.asdict(progress))))
@@ -90,10 +114,12 @@ def restore_variables(workdir: str | Path) -> dict:
     """The variables ({"params", "batch_stats"}) of the latest checkpoint in a training workdir:
     the ones it scored (the moving average of the parameters where the recipe keeps one)."""
     config = load_config(workdir)
+    if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
+        raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
     model = setup.build_model(config, "stock")  # only its variables' shapes are used
     target = create_train_state(jax.random.key(0), model, create_optimizer(config, 1),
                                 ema=bool(config.ema_decay))
-    with checkpoint_manager(Path(workdir)) as manager:
+    with checkpoint_manager(Path(workdir), read_only=True) as manager:
         restored = restore_checkpoint(manager, target)
     if restored is None:
         raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
@@ -144,6 +170,11 @@ def resume_point(run: Setup, manager: ocp.CheckpointManager | None
             print(f"--resume: no checkpoint in {manager.directory}; starting a fresh run")
         return run.state, Progress()
     state, progress = restored
+    total, done = run.config.epochs * run.steps_per_epoch, int(state.step)
+    if done > total or done != (progress.epoch - 1) * run.steps_per_epoch + progress.step:
+        raise WorkdirError(f"--resume: the checkpoint in {manager.directory} is at step {done}, "
+                           f"which does not fit this run of {total} steps "
+                           f"({run.steps_per_epoch} per epoch); --overwrite to start afresh")
     print(f"Resumed from {manager.directory}: epoch {progress.epoch}, step "
           f"{progress.step}/{run.steps_per_epoch}")
     return jax.device_put(state, run.replicated), progress
@@ -161,12 +192,14 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
     In a multi-process run, process 0 alone prints and writes the workdir's files.
     """
     primary = setup.is_primary()
-    with printing(primary):
-        if workdir:
-            prepare_workdir(workdir, config, "flax", resume, overwrite, CHECKPOINT_DIR, primary,
-                            lambda: setup.barrier("workdir"))
+    with printing(primary), workdir_lock(workdir, primary) if workdir else nullcontext():
+        if workdir:  # a refused workdir is said before the data loads (this only reads)
+            check_workdir(workdir, config, "flax", resume, overwrite)
         run = setup_training(config, load_mnist(config.data_source), devices=devices,
                              kernels=kernels, steps_per_call=steps_per_call)
+        if workdir:  # the flags and the data are good: only now is an earlier run replaced
+            prepare_workdir(workdir, config, "flax", resume, overwrite, primary,
+                            lambda: setup.barrier("workdir"))
         processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
         print(f"Flax on {run.replicated.mesh.size} {jax.default_backend()} device(s){processes}, "
               f"{setup.describe_kernels(kernels)} kernels, {run.steps_per_call} step(s) per jitted call")
@@ -186,6 +219,9 @@ def train_loop(run: Setup, manager: ocp.CheckpointManager | None, resume: bool,
     `manager` and writing the epoch files to `files`; the per-epoch metrics."""
     config, steps = run.config, run.steps_per_epoch
     state, progress = resume_point(run, manager) if resume else (run.state, Progress())
+    if progress.history:  # the checkpoint's records: metrics.jsonl as they were, whole
+        write_epoch_files(files, progress.history)
+    first_loss = None  # the first step's loss: what an exploded loss is measured against
     with StopRequests() as stop:
         for epoch in range(progress.epoch, config.epochs + 1):
             first = progress.step if epoch == progress.epoch else 0
@@ -199,8 +235,11 @@ def train_loop(run: Setup, manager: ocp.CheckpointManager | None, resume: bool,
                         raise stopped_by(stop.signal or signal.SIGTERM, manager, state, progress)
                     state, metrics = run.run_chunk(state, plan, start, stop_step)
                     chunk_loss = float(metrics["loss"].sum())  # the only host sync per chunk
-                    if not math.isfinite(chunk_loss):
-                        raise diverged(chunk_loss, epoch, f"{start + 1}-{stop_step}")
+                    mean_loss = chunk_loss / (stop_step - start)
+                    if first_loss is None:
+                        first_loss = float(metrics["loss"][0])
+                    if exploded(mean_loss, first_loss):
+                        raise diverged(mean_loss, epoch, f"{start + 1}-{stop_step}")
                     progress = dataclasses.replace(progress, epoch=epoch, step=stop_step,
                                                    loss_sum=progress.loss_sum + chunk_loss)
                     bar.update(stop_step - start)

@@ -74,9 +74,10 @@ def test_a_saved_torch_model_scores_the_same_in_flax(mnist, tmp_path):
     assert_all_pass(checks)
 
 
-def test_parity_cli_names_a_file_that_is_no_torch_model(mnist, tmp_path, capsys):
+@pytest.mark.parametrize("content", [b"not a state_dict", b""])
+def test_parity_cli_names_a_file_that_is_no_torch_model(mnist, tmp_path, capsys, content):
     bad = tmp_path / "model.pt"
-    bad.write_bytes(b"not a state_dict")
+    bad.write_bytes(content)
     assert parity.main(["--torch-model", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot use {bad}") and len(err.splitlines()) == 1

@@ -107,12 +107,15 @@ def test_missing_workdir_or_checkpoint_is_one_line_error(tmp_path, capsys, train
     (empty / "config.json").write_text((trained_workdir / "config.json").read_text())
     assert evaluate.main(["--workdir", str(empty)]) == 2
     assert "no checkpoint in" in capsys.readouterr().err
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json"]  # reading created nothing
 
 
 @pytest.mark.realdata
 def test_evaluate_reports_accuracy_and_draws_the_pictures(trained_workdir, real_mnist, tmp_path,
                                                           capsys):
+    before = sorted(str(p) for p in trained_workdir.rglob("*"))
     assert evaluate.main(["--workdir", str(trained_workdir), "--out", str(tmp_path)]) == 0
+    assert sorted(str(p) for p in trained_workdir.rglob("*")) == before  # read, not written
     out = capsys.readouterr().out
     correct = int(out.split("Test accuracy: ")[1].split("/")[0])
     assert correct > 9000 and "/10000 (" in out and "Per class: 0: " in out
@@ -174,3 +177,67 @@ def test_a_recipes_workdir_records_its_network_and_is_evaluated_as_its_training_
     assert compare_evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
     correct = int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
     assert correct == round(history[-1]["test_accuracy"] * 10_000)
+
+
+def digit_like_mnist() -> np.ndarray:
+    """A white 7-ish stroke on black, 60x60."""
+    canvas = np.zeros((60, 60), np.uint8)
+    canvas[10:16, 12:48] = 255
+    for row in range(16, 52):
+        canvas[row, 44 - (row - 16) // 2: 50 - (row - 16) // 2] = 255
+    return canvas
+
+
+def as_read(path) -> np.ndarray:
+    return predict.read_image(path)
+
+
+def test_sixteen_bit_and_palette_pngs_read_as_their_eight_bit_twin(tmp_path):
+    digit = digit_like_mnist()
+    Image.fromarray(digit).save(tmp_path / "eight.png")
+    Image.fromarray(digit.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    Image.fromarray(digit).convert("P").save(tmp_path / "palette.png")
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    assert Image.open(tmp_path / "palette.png").mode == "P"
+    expected = as_read(tmp_path / "eight.png")
+    assert expected.max() > 200
+    np.testing.assert_array_equal(as_read(tmp_path / "sixteen.png"), expected)
+    np.testing.assert_array_equal(as_read(tmp_path / "palette.png"), expected)
+
+
+def test_transparency_is_composited_on_the_background_it_implies(tmp_path):
+    ink = digit_like_mnist() > 0
+    expected_source = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8))  # black on white
+    expected_source.save(tmp_path / "opaque.png")
+    expected = as_read(tmp_path / "opaque.png")
+    black_on_clear = np.zeros((60, 60, 4), np.uint8)
+    black_on_clear[..., 3] = np.where(ink, 255, 0)  # black strokes, transparent elsewhere
+    Image.fromarray(black_on_clear, "RGBA").save(tmp_path / "black.png")
+    white_on_clear = black_on_clear.copy()
+    white_on_clear[..., :3] = 255
+    Image.fromarray(white_on_clear, "RGBA").save(tmp_path / "white.png")
+    np.testing.assert_array_equal(as_read(tmp_path / "black.png"), expected)
+    np.testing.assert_array_equal(as_read(tmp_path / "white.png"), expected)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    digit = Image.fromarray(digit_like_mnist())
+    digit.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": the pixels are stored turned
+    digit.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(as_read(tmp_path / "turned.png"),
+                                  as_read(tmp_path / "upright.png"))
+
+
+def test_an_oversized_image_is_refused_in_one_line_before_decoding(tmp_path, monkeypatch):
+    Image.fromarray(digit_like_mnist()).save(tmp_path / "big.png")
+    monkeypatch.setattr(predict, "MAX_PIXELS", 59 * 60)
+    with pytest.raises(predict.ImageError, match=r"big.png: 60x60 pixels is too large"):
+        predict.read_image(tmp_path / "big.png")
+
+
+def test_a_missing_image_is_reported_before_the_model_loads(tmp_path, capsys):
+    # No workdir exists at all: the image is checked first, so its error is the one reported.
+    assert predict.main(["--workdir", str(tmp_path / "nowhere"), str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'x.png'}: no such file"

@@ -9,9 +9,9 @@ checkpoint), the workdir and the command line; on one process or, under torchrun
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,12 +23,18 @@ from flax_impl.common.errors import (
     ConfigError,
     WorkdirError,
     diverged,
+    exploded,
     first_line,
     peers_watched,
     run_command,
 )
 from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
-from flax_impl.common.workdir import prepare_workdir, write_epoch_files
+from flax_impl.common.workdir import (
+    check_workdir,
+    prepare_workdir,
+    workdir_lock,
+    write_epoch_files,
+)
 from torch_ref import distributed
 from torch_ref.setup import DEVICES, Setup, resolve_device, setup_training
 
@@ -118,6 +124,9 @@ def resume_point(run: Setup, path: Path | None) -> list[dict]:
     if history is None:
         print(f"--resume: no checkpoint at {path}; starting a fresh run")
         return []
+    if len(history) > run.config.epochs:
+        raise WorkdirError(f"--resume: {path} has {len(history)} finished epochs, more than "
+                           f"this run's {run.config.epochs}; --overwrite to start afresh")
     print(f"Resumed from {path} after epoch {len(history)}")
     return history
 
@@ -132,11 +141,14 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
     `resume` continues after the last finished epoch. A NaN/inf loss raises TrainingStopped.
     In a multi-process run, rank 0 alone prints and writes the workdir's files.
     """
-    with printing(group.primary):
-        if workdir:
-            prepare_workdir(workdir, config, "torch", resume, overwrite, CHECKPOINT_FILE,
-                            group.primary, group.barrier)
+    with printing(group.primary), workdir_lock(workdir, group.primary) if workdir else \
+            nullcontext():
+        if workdir:  # a refused workdir is said before the data loads (this only reads)
+            check_workdir(workdir, config, "torch", resume, overwrite)
         run = setup_training(config, load_mnist(config.data_source), device, group)
+        if workdir:  # the flags and the data are good: only now is an earlier run replaced
+            prepare_workdir(workdir, config, "torch", resume, overwrite, group.primary,
+                            group.barrier)
         ranks = f" x {group.world_size} processes" if group.world_size > 1 else ""
         print(f"PyTorch on {run.device}{ranks}")
         history = train_loop(run, workdir, resume)
@@ -152,6 +164,9 @@ def train_loop(run: Setup, workdir: Path | None, resume: bool) -> list[dict]:
     config, steps, group = run.config, run.steps_per_epoch, run.group
     checkpoint = workdir / CHECKPOINT_FILE if workdir else None
     history = resume_point(run, checkpoint) if resume else []
+    if history:  # the checkpoint's records: metrics.jsonl as they were, whole
+        write_epoch_files(workdir if group.primary else None, history)
+    first_loss = None  # the first step's loss: what an exploded loss is measured against
     for epoch in range(len(history) + 1, config.epochs + 1):
         order, started = run.plan(), time.perf_counter()
         loss_sum = torch.zeros((), device=run.device)
@@ -161,7 +176,8 @@ def train_loop(run: Setup, workdir: Path | None, resume: bool) -> list[dict]:
                 bar.update()
                 if step % BAR_EVERY == 0 or step == steps - 1:  # a host sync (and a collective)
                     mean_loss = group.sum([loss_sum.item()])[0] / group.world_size / (step + 1)
-                    if not math.isfinite(mean_loss):
+                    first_loss = mean_loss if first_loss is None else first_loss
+                    if exploded(mean_loss, first_loss):
                         raise diverged(mean_loss, epoch, f"1-{step + 1}")
                     bar.set_postfix_str(f"loss={mean_loss:.4f}")
         # The epoch is done: evaluate, record, checkpoint.

@@ -108,6 +108,8 @@ def validate(config: Config) -> Config:
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**32:  # what both frameworks' generators take
+        raise ConfigError(f"--seed must be in [0, 2**32), got {config.seed}")
     if config.validation < 0:
         raise ConfigError(f"--validation must be >= 0, got {config.validation}")
     if config.train_examples is not None and config.train_examples <= 0:
@@ -125,8 +127,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not 0 <= config.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
-    if config.max_rotation < 0:
-        raise ConfigError(f"--max-rotation must be >= 0, got {config.max_rotation}")
+    if not 0 <= config.max_rotation <= 180:
+        raise ConfigError(f"--max-rotation must be in [0, 180] degrees, got {config.max_rotation}")
     for name in ("label_smoothing", "ema_decay"):
         if not 0 <= getattr(config, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got "

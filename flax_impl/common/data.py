@@ -122,6 +122,8 @@ def check_arrays(mnist: Mnist, what: str, counts: dict[str, int] | None = None) 
     for split in ("train", "test"):
         images = getattr(mnist, f"{split}_images")
         labels = getattr(mnist, f"{split}_labels")
+        if images.ndim == 3 and len(images) == 0:
+            raise DataError(f"{what}: no {split} images; a dataset needs at least one of each")
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
             raise DataError(
                 f"{what}: {split} images are {images.dtype}{list(images.shape)}, "

@@ -8,7 +8,10 @@ multi-process run; 128 + N for signal N.
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -42,18 +45,30 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
+# A training loss this many times the run's first step's (and at least this many times ln 10, an
+# untrained classifier's) has exploded: the run is stopped as if it were NaN.
+EXPLODED_FACTOR = 100
+
+
+def exploded(loss: float, reference: float) -> bool:
+    """Whether a mean training loss has diverged: not finite, or EXPLODED_FACTOR times
+    `reference` (the run's first step's loss, at least an untrained classifier's)."""
+    return not math.isfinite(loss) or loss > EXPLODED_FACTOR * max(reference, math.log(10))
+
+
 def diverged(loss: float, epoch: int, steps: str) -> TrainingStopped:
-    """The error for a NaN/inf training loss (exit status 3)."""
-    return TrainingStopped(f"the training loss became {loss} in epoch {epoch} (steps {steps}); "
-                           f"stopped, the last good checkpoint is kept; try a lower --lr",
-                           exit_code=DIVERGED_EXIT)
+    """The error for a training loss that is NaN/inf or has exploded (exit status 3)."""
+    return TrainingStopped(f"the training loss became {loss:.4g} in epoch {epoch} (steps "
+                           f"{steps}); stopped, the last good checkpoint is kept; try a lower "
+                           f"--lr", exit_code=DIVERGED_EXIT)
 
 
 def run_command(body: Callable[[], object]) -> int:
     """Run a command's body; its one-line errors become a message on stderr and an exit status.
 
-    Bad flags, data or workdirs: 2. TrainingStopped: its own status (3 for a NaN loss, 4 for a
-    lost process of a multi-process run, 128 + the signal's number for SIGINT/SIGTERM).
+    Bad flags, data or workdirs, and a full disk: 2. TrainingStopped: its own status (3 for a
+    diverged loss, 4 for a lost process of a multi-process run, 128 + the signal's number for
+    SIGINT/SIGTERM); Ctrl-C elsewhere: 130.
     """
     try:
         body()
@@ -64,7 +79,28 @@ def run_command(body: Callable[[], object]) -> int:
         # A signal's stop is no error: it saved a checkpoint to resume from.
         print(str(stopped) if stopped.exit_code >= 128 else f"error: {stopped}", file=sys.stderr)
         return stopped.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where training saves nothing itself (start-up, torch)
+        print("SIGINT: stopped; what was saved is kept (a workdir's last checkpoint); continue "
+              "with --resume", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        print(f"error: the disk is full ({first_line(error)}); the last complete checkpoint is "
+              f"kept: free some space, then --resume", file=sys.stderr)
+        return BAD_INPUT_EXIT
     return 0
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a write that found no space left on the device."""
+    for _ in range(10):  # the error and what caused it, a few levels down
+        if error is None:
+            return False
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @contextlib.contextmanager

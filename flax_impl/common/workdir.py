@@ -1,15 +1,19 @@
 """A training workdir: config.json, metrics.jsonl, curves.png, checked before a run writes.
 
-Imports neither jax nor torch; each framework adds its own checkpoints (a file or directory
-named by the caller).
+One run per workdir at a time (`workdir_lock`); a fresh run removes every output of an earlier
+one (RUN_OUTPUTS), and only after its own flags and data have been checked. Imports neither jax
+nor torch; each framework names its own checkpoint files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flax_impl.common.atomic import atomic_write
@@ -19,6 +23,41 @@ from flax_impl.common.report import SPLIT_NAMES, eval_split
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+# What a run leaves in its workdir besides config.json, either framework's: a fresh run removes
+# them all, so that nothing of an earlier run is read as its own.
+RUN_OUTPUTS = (METRICS_FILE, "curves.png", "checkpoints", "checkpoint.pt", "model.pt",
+               "confusion.png", "errors.png")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path, take: bool = True) -> Iterator[None]:
+    """Hold `workdir` for one run: another run on it meanwhile gets a WorkdirError. The lock is
+    the operating system's (flock on the directory), so a killed run leaves none behind. A
+    directory made here and left empty is removed again. `take` false: nothing (the processes
+    of a multi-process run but the first)."""
+    if not take:
+        yield
+        return
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} is a file; name a directory")
+    made = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        handle = os.open(workdir, os.O_RDONLY)
+    except OSError as error:
+        raise WorkdirError(f"--workdir {workdir}: cannot create it ({error.strerror or error}); "
+                           f"name a directory you can write to") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirError(f"{workdir} is in use by another run; wait for it to end or "
+                               f"choose another --workdir") from None
+        yield
+    finally:
+        os.close(handle)
+        if made and workdir.is_dir() and not any(workdir.iterdir()):
+            workdir.rmdir()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -34,18 +73,21 @@ def write_epoch_files(workdir: Path | None, history: list[dict]) -> None:
 
 
 def prepare_workdir(workdir: Path, config: Config, framework: str, resume: bool,
-                    overwrite: bool, checkpoint: str, primary: bool = True,
-                    barrier: Callable[[], None] = lambda: None) -> None:
-    """`check_workdir`, then `create_workdir` for a fresh run.
+                    overwrite: bool, primary: bool = True,
+                    barrier: Callable[[], None] = lambda: None) -> bool:
+    """`check_workdir`, then `create_workdir` for a fresh run; whether the run is fresh.
 
-    In a multi-process run every process checks and the `primary` one alone creates; `barrier`
-    (wait for all processes) keeps it from changing the workdir while another still reads it.
+    Call it once the run's flags and data are checked: a fresh run removes the earlier one's
+    files. In a multi-process run every process checks and the `primary` one alone creates;
+    `barrier` (wait for all processes) keeps it from changing the workdir while another still
+    reads it.
     """
     fresh = check_workdir(workdir, config, framework, resume, overwrite)
     barrier()
     if fresh and primary:
-        create_workdir(workdir, config, framework, checkpoint)
+        create_workdir(workdir, config, framework)
     barrier()
+    return fresh
 
 
 def config_record(config: Config, framework: str) -> dict:
@@ -57,13 +99,21 @@ def check_workdir(workdir: Path, config: Config, framework: str, resume: bool,
                   overwrite: bool) -> bool:
     """Whether `workdir` is to be created afresh for `config` (True) or holds its run to resume.
 
-    A workdir holding another run is refused unless `resume` (same config only) or `overwrite`.
-    Reads only: in a multi-process run every process checks, then one creates.
+    A workdir holding another run is refused unless `resume` (same config only) or `overwrite`;
+    so is one with a run's files but no config.json (nothing says what they are). Reads only: in
+    a multi-process run every process checks, then one creates.
     """
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"--workdir {workdir} is a file; name a directory")
     config_path = workdir / CONFIG_FILE
-    if not config_path.exists() or overwrite:
+    if overwrite:
+        return True
+    if not config_path.exists():
+        found = [name for name in RUN_OUTPUTS if (workdir / name).exists()]
+        if found:
+            raise WorkdirError(f"{workdir} holds a run's files ({', '.join(found)}) but no "
+                               f"{CONFIG_FILE}, so they cannot be resumed or kept; restore it, "
+                               f"or --overwrite to replace them")
         return True
     try:
         existing = json.loads(config_path.read_text())
@@ -91,16 +141,16 @@ def check_workdir(workdir: Path, config: Config, framework: str, resume: bool,
     return False
 
 
-def create_workdir(workdir: Path, config: Config, framework: str, checkpoint: str) -> None:
-    """Create `workdir` for a fresh run of `config`: config.json, and no metrics or checkpoint
-    (`workdir/checkpoint`, a file or directory) of an earlier run."""
+def create_workdir(workdir: Path, config: Config, framework: str) -> None:
+    """Make `workdir` hold a fresh run of `config`: config.json, and none of RUN_OUTPUTS of an
+    earlier run."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / METRICS_FILE).unlink(missing_ok=True)
-    stale = workdir / checkpoint
-    if stale.is_dir():
-        shutil.rmtree(stale)
-    else:
-        stale.unlink(missing_ok=True)
+    for name in RUN_OUTPUTS:
+        stale = workdir / name
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
     atomic_write_text(workdir / CONFIG_FILE,
                       json.dumps(config_record(config, framework), indent=2, sort_keys=True) + "\n")
 
