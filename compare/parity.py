@@ -372,8 +372,10 @@ def check_saved_torch_model(data: Mnist, path: str, device: torch.device = CPU) 
         torch_model.load_state_dict(state_dict)
         variables = torch_to_flax(state_dict)
     except (OSError, EOFError, RuntimeError, ConversionError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "an empty or " \
+            "truncated file"
         raise ParityInputError(f"cannot use {path} as a torch Net state_dict "
-                               f"({type(error).__name__}: {str(error).splitlines()[0]}); "
+                               f"({type(error).__name__}: {reason}); "
                                f"pass the model.pt of a torch_ref.train workdir") from None
     run = flax_setup.setup_training(dataclasses.replace(NO_NOISE, epochs=1), data,
                                    devices=jax.devices()[:1])

@@ -223,6 +223,7 @@ def test_sweep_refuses_an_unknown_variant(tmp_path, capsys):
     assert "unknown variant(s) nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_layers_conv_forms_times_every_form_and_checks_it(capsys):
     rows = layers.time_conv_forms("tinynet", batch=2, repeats=1)
     assert [row["name"] for row in rows] == [f"block{i}.conv" for i in range(2, 7)]

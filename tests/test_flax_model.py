@@ -77,7 +77,8 @@ def test_both_frameworks_start_from_torchs_default_initialisation():
 
     torch.manual_seed(0)
     torch_kernel = create_torch_model("widenet").block6.conv.weight.detach().numpy()
-    params = create_model("widenet").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    init = jax.jit(create_model("widenet").init)  # one program, not one per operation
+    params = init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
     flax_kernel, head_bias = np.asarray(params["block6"]["conv"]["kernel"]), params["head"]["bias"]
     bound = 1 / np.sqrt(9 * 24)  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3 * 3 * 24
     for kernel in (flax_kernel, torch_kernel):

@@ -59,9 +59,9 @@ def model_loss_and_grads(name: str, kernels: str, dtype) -> tuple:
 
 # SeedNet in float64 only: XLA:CPU's own float32 gradients of its wide convolutions are up to
 # 1 % from float64 (the fast kernels' are 1e-6), so float32 would test XLA's rounding.
+@pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", [("net", np.float32), ("net", np.float64),
-                                         pytest.param("seednet", np.float64,
-                                                      marks=pytest.mark.slow)])
+                                         ("seednet", np.float64)])
 def test_stock_and_fast_models_give_equal_outputs_and_gradients(name, dtype):
     with jax.enable_x64(dtype == np.float64):
         (stock_loss, stock_grads), (fast_loss, fast_grads) = (
