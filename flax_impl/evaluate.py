@@ -16,6 +16,7 @@ import numpy as np
 
 from flax_impl.common.data import load_mnist
 from flax_impl.common.errors import DataError, WorkdirError
+from flax_impl.compile_cache import use_compilation_cache
 from flax_impl.predict import WorkdirReader, load_trained
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None, readers: dict[str, WorkdirReader] | None
                         help="default: the source the model was trained with")
     parser.add_argument("--out", type=Path, default=None, help="where the pictures go")
     args = parser.parse_args(argv)
+    use_compilation_cache()
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         print(f"error: --out {args.out} is a file; name a directory for the pictures",
               file=sys.stderr)

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from flax_impl import setup
 from flax_impl.common.errors import WorkdirError
 from flax_impl.common.workdir import load_config, workdir_record
+from flax_impl.compile_cache import use_compilation_cache
 from flax_impl.model import to_inputs
 from flax_impl.train import restore_variables
 
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None, readers: dict[str, WorkdirReader] | None
     parser.add_argument("--top", type=int, default=1, help="show the K most likely digits")
     parser.add_argument("images", nargs="+", type=Path)
     args = parser.parse_args(argv)
+    use_compilation_cache()
     if not 1 <= args.top <= 10:
         parser.error(f"--top must be between 1 and 10, got {args.top}")
     try:

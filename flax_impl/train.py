@@ -41,6 +41,7 @@ from flax_impl.common.workdir import (
     workdir_lock,
     write_epoch_files,
 )
+from flax_impl.compile_cache import use_compilation_cache
 from flax_impl.core import TrainState, chunk_bounds, create_optimizer, create_train_state, eval_variables
 from flax_impl.setup import Setup, setup_training
 
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser("python -m flax_impl.train", __doc__.splitlines()[0])
     setup.add_flags(parser)
     args = parser.parse_args(argv)
+    use_compilation_cache()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -180,3 +180,33 @@ def test_the_moving_average_is_what_is_scored_saved_and_resumed(tiny_idx_source,
             module.train(config, tmp_path / "interrupted")
     resumed = module.train(config, tmp_path / "interrupted", resume=True)
     assert resumed[-1]["test_loss"] == straight[-1]["test_loss"]
+
+
+@pytest.mark.slow
+def test_a_second_run_compiles_nothing_and_the_cache_can_be_moved_or_turned_off(
+        tiny_idx_source, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # as a user has it
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    argv = [sys.executable, "-m", "flax_impl.train", "--data-source", tiny_idx_source,
+            "--epochs", "1", "--batch-size", "64"]
+
+    def run(**extra):
+        subprocess.run(argv, cwd=ROOT, env={**env, **extra}, check=True, capture_output=True)
+
+    def entries(root):
+        return sorted(p.name for p in root.rglob("*") if p.is_file())
+
+    run()
+    default = tmp_path / "xdg" / "mnist20k" / "jax"
+    first = entries(default)
+    assert any("train_chunk" in name for name in first)
+    run()
+    assert entries(default) == first  # every program came from the cache
+    run(MNIST20K_JAX_CACHE=str(tmp_path / "moved"))
+
+    def programs(names):  # an entry's name is the program's and a key (which holds the path)
+        return sorted(name.split("-")[0] for name in names)
+
+    assert programs(entries(tmp_path / "moved")) == programs(first)
+    run(MNIST20K_JAX_CACHE="off", XDG_CACHE_HOME=str(tmp_path / "xdg_off"))
+    assert not (tmp_path / "xdg_off" / "mnist20k" / "jax").exists()
