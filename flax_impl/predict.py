@@ -88,9 +88,9 @@ def grey_pixels(image: Image.Image) -> np.ndarray:
         values = np.asarray(image, np.float32)
         return values * 255.0 if values.max() <= 1.0 else values
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), np.float32)
-        grey = np.asarray(image.convert("RGBA").convert("L"), np.float32)
-        alpha = rgba[..., 3] / 255.0
+        rgba = image.convert("RGBA")
+        grey = np.asarray(rgba.convert("L"), np.float32)
+        alpha = np.asarray(rgba.getchannel("A"), np.float32) / 255.0
         if alpha.min() < 1.0:
             strokes = (grey * alpha).sum() / max(alpha.sum(), 1e-6)  # the opaque pixels' grey
             background = 0.0 if strokes > 127 else 255.0

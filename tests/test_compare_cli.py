@@ -196,6 +196,9 @@ def test_params_counts_a_model_at_the_widths_given(capsys):
     with pytest.raises(SystemExit):
         params.main(["--model", "net", "--widths", "8,10"])
     assert "--widths needs 6 positive integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        params.main(["--model", "net", "--widths", "8,x"])
+    assert "--widths: takes 6 comma-separated integers" in capsys.readouterr().err
 
 
 def test_sweep_runs_every_variant_and_seed_on_the_validation_split(tmp_path, monkeypatch):

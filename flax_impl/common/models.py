@@ -5,6 +5,7 @@ Read by both frameworks' `create_model` and by `compare.params`. Imports neither
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 from flax_impl.common.errors import ConfigError
@@ -56,9 +57,10 @@ def model_widths(name: str, widths: tuple[int, ...] | None = None) -> tuple[int,
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
-    """'8,10,12,12,14,14' -> (8, 10, 12, 12, 14, 14) (ConfigError if not integers)."""
+    """'8,10,12,12,14,14' -> (8, 10, 12, 12, 14, 14); the `type` of a `--widths` flag (an
+    argparse error, its message shown, if not integers)."""
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise ConfigError(f"--widths takes {NUM_WIDTHS} comma-separated integers, e.g. "
-                          f"8,10,12,12,14,14; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes {NUM_WIDTHS} comma-separated integers, e.g. "
+                                         f"8,10,12,12,14,14; got {text!r}") from None
