@@ -1,4 +1,5 @@
-"""Weights between the frameworks: `torch_to_flax(state_dict)` and `flax_to_torch(variables)`.
+"""Weights between the frameworks: `torch_to_flax(state_dict)` and `flax_to_torch(variables)`;
+for the NNX port, `linen_to_nnx` / `nnx_to_linen` and `torch_to_nnx` / `nnx_to_torch`.
 
 Per key, a rename and a layout change (as HuggingFace's PyTorch<->Flax conversion does):
 
@@ -11,17 +12,24 @@ Per key, a rename and a layout change (as HuggingFace's PyTorch<->Flax conversio
 | batch_stats/M/mean, var          | M.running_mean, running_var (both unbiased, see model.py) |
 
 Module paths map `a/b` <-> `a.b`. torch's `num_batches_tracked` has no Flax counterpart (it only
-matters for BatchNorm without momentum) and comes back as 0. Every key and shape is checked
-against the target model; anything wrong or missing is one `ConversionError` naming it.
+matters for BatchNorm without momentum) and comes back as 0. An NNX module's state, split into
+`nnx.Param` and `nnx.BatchStat` as pure dicts, is linen's variables: the same names, shapes and
+layouts, so linen <-> NNX is a check of every key and shape and no change of any value. Every
+key and shape is checked against the target model; anything wrong or missing is one
+`ConversionError` naming it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import traverse_util
+from flax import nnx, traverse_util
 
+from flax_impl import nnx_model
 from flax_impl.model import create_model as create_flax_model
 from torch_ref.model import create_model as create_torch_model
 
@@ -94,10 +102,10 @@ def torch_to_flax(state_dict: dict, model: str = "net",
     return traverse_util.unflatten_dict(flat)
 
 
-def flax_to_torch(variables: dict, model: str = "net",
-                  widths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
-    """Flax variables of `model` at `widths` (default: its own) -> torch state_dict (loads with
-    `load_state_dict(strict=True)`)."""
+def checked_flax_variables(variables: dict, model: str = "net",
+                           widths: tuple[int, ...] | None = None) -> dict:
+    """{(collection, path): array} of Flax variables, every key and shape checked against
+    `model` at `widths` (ConversionError naming the first wrong one)."""
     expected = flax_shapes(model, widths)
     given = {(c, p): v for c, tree in variables.items()
              for p, v in traverse_util.flatten_dict(dict(tree)).items()}
@@ -105,7 +113,7 @@ def flax_to_torch(variables: dict, model: str = "net",
     if extra:
         raise ConversionError(f"unexpected variable {'/'.join((extra[0][0], *extra[0][1]))!r} "
                               f"for {model}")
-    state_dict = {}
+    checked = {}
     for (collection, path), shape in expected.items():
         where = "/".join((collection, *path))
         if (collection, path) not in given:
@@ -114,9 +122,48 @@ def flax_to_torch(variables: dict, model: str = "net",
         if value.shape != shape:
             raise ConversionError(f"{where!r} has shape {list(value.shape)}, {model} needs "
                                   f"{list(shape)}")
-        state_dict[torch_name(collection, path, len(shape))] = torch.from_numpy(
-            np.ascontiguousarray(to_torch_layout(value)).copy())
+        checked[collection, path] = value
+    return checked
+
+
+def flax_to_torch(variables: dict, model: str = "net",
+                  widths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+    """Flax variables of `model` at `widths` (default: its own) -> torch state_dict (loads with
+    `load_state_dict(strict=True)`)."""
+    state_dict = {torch_name(collection, path, value.ndim): torch.from_numpy(
+                      np.ascontiguousarray(to_torch_layout(value)).copy())
+                  for (collection, path), value in checked_flax_variables(
+                      variables, model, widths).items()}
     for name in torch_shapes(model, widths):
         if name.endswith("num_batches_tracked"):
             state_dict[name] = torch.tensor(0)
     return state_dict
+
+
+def linen_to_nnx(variables: dict, model: str = "net", widths: tuple[int, ...] | None = None,
+                 dropout: float = 0.05) -> nnx.Module:
+    """linen variables of `model` -> the NNX module holding them (every key and shape checked)."""
+    checked = checked_flax_variables(variables, model, widths)
+    pure = traverse_util.unflatten_dict({(c, *p): jnp.asarray(v) for (c, p), v in checked.items()})
+    split = nnx_model.SplitModel.of(functools.partial(nnx_model.create_model, model, dropout,
+                                                      widths))
+    return nnx_model.merge_variables(split.graphdef, split.template, pure)
+
+
+def nnx_to_linen(module: nnx.Module, model: str = "net",
+                 widths: tuple[int, ...] | None = None) -> dict:
+    """An NNX module of `model` -> linen variables (numpy arrays; every key and shape checked)."""
+    checked = checked_flax_variables(nnx_model.split_variables(module), model, widths)
+    return traverse_util.unflatten_dict({(c, *p): np.array(v) for (c, p), v in checked.items()})
+
+
+def torch_to_nnx(state_dict: dict, model: str = "net", widths: tuple[int, ...] | None = None,
+                 dropout: float = 0.05) -> nnx.Module:
+    """torch state_dict -> the NNX module of `model` holding its weights."""
+    return linen_to_nnx(torch_to_flax(state_dict, model, widths), model, widths, dropout)
+
+
+def nnx_to_torch(module: nnx.Module, model: str = "net",
+                 widths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+    """An NNX module of `model` -> torch state_dict (loads with `load_state_dict(strict=True)`)."""
+    return flax_to_torch(nnx_to_linen(module, model, widths), model, widths)

@@ -13,7 +13,10 @@ device, with TF32 off in both (float32 matrix products in full precision):
 4. the learning-rate schedule at every step of a full default run;
 5. the rotation augmentation for the same angles;
 6. a model trained in one framework scores the same test accuracy in the other;
-   `--torch-model PATH` checks only this, for a saved torch model.pt (a full run's).
+   `--torch-model PATH` checks only this, for a saved torch model.pt (a full run's);
+7. the NNX port (`flax_impl/nnx_model.py`): linen's initial weights from the same key, eval and
+   train-mode outputs (dropout on, the same key), BatchNorm statistics and gradients equal to
+   linen's, and checks 1 to 3 against torch with the NNX network in place of linen's.
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compare.convert import ConversionError, flax_to_torch, torch_to_flax
+from compare.convert import (
+    ConversionError,
+    flax_to_torch,
+    nnx_to_torch,
+    torch_to_flax,
+    torch_to_nnx,
+)
 from flax_impl import core as flax_core
+from flax_impl import nnx_model
 from flax_impl import setup as flax_setup
 from flax_impl.augment import rotate as flax_rotate
 from flax_impl.common.config import Config
@@ -93,8 +103,13 @@ def warmed_torch_model(name: str, data: Mnist, device: torch.device = CPU, seed:
     return model.eval()
 
 
-def flax_eval(name: str, variables: dict, images: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.jit(create_flax_model(name, 0.0).apply)(variables, flax_inputs(images)))
+def flax_model(name: str, api: str = "linen", dropout: float = 0.0):
+    """Model `name` in Flax `api` ("linen", or "nnx" behind linen's `init`/`apply`)."""
+    return flax_setup.build_model(Config(model=name, dropout=dropout, api=api), "stock")
+
+
+def flax_eval(name: str, variables: dict, images: np.ndarray, api: str = "linen") -> np.ndarray:
+    return np.asarray(jax.jit(flax_model(name, api).apply)(variables, flax_inputs(images)))
 
 
 def check_eval_outputs(data: Mnist, name: str, tolerance: float, device: torch.device = CPU
@@ -107,8 +122,8 @@ def check_eval_outputs(data: Mnist, name: str, tolerance: float, device: torch.d
     to_flax = max_abs(flax_eval(name, torch_to_flax(torch_model.state_dict(), name), images),
                       expected)
 
-    flax_model = create_flax_model(name, 0.0)
-    variables = jax.jit(flax_model.init)(jax.random.key(1), flax_inputs(images[:1]))
+    linen_model = create_flax_model(name, 0.0)
+    variables = jax.jit(linen_model.init)(jax.random.key(1), flax_inputs(images[:1]))
     back = create_torch_model(name, dropout=0.0).to(device).eval()
     back.load_state_dict(flax_to_torch(variables, name))
     with torch.no_grad():
@@ -119,9 +134,9 @@ def check_eval_outputs(data: Mnist, name: str, tolerance: float, device: torch.d
 
 
 def train_mode_pass(data: Mnist, dtype=np.float32, device: torch.device = CPU,
-                    name: str = "net"):
-    """One train-mode forward and backward of model `name` in both frameworks from the same
-    weights.
+                    name: str = "net", api: str = "linen"):
+    """One train-mode forward and backward of model `name` in both frameworks (Flax in `api`)
+    from the same weights.
 
     Returns (torch output, Flax output, torch state_dict after the step, Flax's as a state_dict,
     torch gradients, Flax gradients as torch-named arrays), computed in `dtype`.
@@ -135,7 +150,7 @@ def train_mode_pass(data: Mnist, dtype=np.float32, device: torch.device = CPU,
     F.nll_loss(log_probs, torch.from_numpy(labels).to(device)).backward()
     torch_grads = {k: p.grad.cpu().numpy() for k, p in torch_model.named_parameters()}
 
-    model = create_flax_model(name, 0.0)
+    model = flax_model(name, api)
     with jax.enable_x64(dtype == np.float64):
         variables = jax.tree.map(lambda x: jnp.asarray(x, dtype), variables)
         inputs = flax_inputs(images).astype(dtype)
@@ -165,17 +180,19 @@ def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict) -> tuple[
     return worst, errors[worst]
 
 
-def check_train_mode(data: Mnist, device: torch.device = CPU, name: str = "net"
-                     ) -> list[Check]:
-    """2. Train-mode outputs, running statistics after the step, gradients (model `name`)."""
+def check_train_mode(data: Mnist, device: torch.device = CPU, name: str = "net",
+                     api: str = "linen") -> list[Check]:
+    """2. Train-mode outputs, running statistics after the step, gradients (model `name`, Flax
+    in `api`)."""
     torch_out, flax_out, torch_state, flax_state, torch_grads, flax_grads = train_mode_pass(
-        data, np.float32, device, name)
+        data, np.float32, device, name, api)
     stats = max(max_abs(torch_state[k], flax_state[k]) for k in torch_state
                 if k.endswith(("running_mean", "running_var")))
     worst32, error32 = worst_relative_gradient_error(torch_grads, flax_grads)
-    *_, torch_grads64, flax_grads64 = train_mode_pass(data, np.float64, device, name)
+    *_, torch_grads64, flax_grads64 = train_mode_pass(data, np.float64, device, name, api)
     worst64, error64 = worst_relative_gradient_error(torch_grads64, flax_grads64)
     torch_own = worst_relative_gradient_error(torch_grads64, torch_grads)[1]
+    name = f"{name} (NNX)" if api == "nnx" else name
     return [Check(f"{name}: train-mode output (batch statistics)", max_abs(torch_out, flax_out),
                   1e-5),
             Check(f"{name}: BatchNorm running mean/var after a step", stats, 1e-5,
@@ -190,14 +207,15 @@ def check_train_mode(data: Mnist, device: torch.device = CPU, name: str = "net"
 
 
 def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU,
-                    recipe: Config = NO_NOISE, model: str = "net", batch: int = BATCH
-                    ) -> tuple[float, float, float | None]:
+                    recipe: Config = NO_NOISE, model: str = "net", batch: int = BATCH,
+                    api: str = "linen") -> tuple[float, float, float | None]:
     """`steps` SGD steps of each framework's own train step of `model` from the same weights on
     the same batches of `batch` images, in `dtype`, with `recipe`'s loss and moving average
-    (rotation and dropout off): (largest loss gap, largest relative gap of the weights and
-    statistics at the end, the same for the moving average of the weights; None without one)."""
+    (rotation and dropout off), Flax's network in `api`: (largest loss gap, largest relative gap
+    of the weights and statistics at the end, the same for the moving average of the weights;
+    None without one)."""
     config = dataclasses.replace(recipe, max_rotation=0.0, dropout=0.0, epochs=1, model=model,
-                                 batch_size=batch, train_examples=steps * batch)
+                                 batch_size=batch, train_examples=steps * batch, api=api)
     torch_model = warmed_torch_model(model, data, device).train()
     variables = torch_to_flax(torch_model.state_dict(), model)
     torch_model = torch_model.to(torch.float64 if dtype == np.float64 else torch.float32)
@@ -238,16 +256,17 @@ def optimizer_steps(data: Mnist, steps: int, dtype, device: torch.device = CPU,
 
 
 def check_optimizer_steps(data: Mnist, steps: int = 100, float32_drift: bool = True,
-                          device: torch.device = CPU, model: str = "net", batch: int = BATCH
-                          ) -> list[Check]:
+                          device: torch.device = CPU, model: str = "net", batch: int = BATCH,
+                          api: str = "linen") -> list[Check]:
     """3. `steps` optimizer steps of `model` at `batch` images: exact maths in float64, the
     moving average of the weights with it (one run); optionally the float32 drift."""
     loss64, params64, averaged = optimizer_steps(
         data, steps, np.float64, device, dataclasses.replace(NO_NOISE, ema_decay=0.9), model,
-        batch)
-    checks = [Check(f"{steps} SGD steps, float64: loss, max |difference|", loss64, 1e-6),
-              Check(f"{steps} SGD steps, float64: weights and stats (relative)", params64, 1e-5),
-              Check(f"{steps} SGD steps, float64: moving average 0.9 of the weights (relative)",
+        batch, api)
+    what = f"{steps} SGD steps" + (" (NNX)" if api == "nnx" else "")
+    checks = [Check(f"{what}, float64: loss, max |difference|", loss64, 1e-6),
+              Check(f"{what}, float64: weights and stats (relative)", params64, 1e-5),
+              Check(f"{what}, float64: moving average 0.9 of the weights (relative)",
                     averaged, 1e-5, "torch's AveragedModel(get_ema_multi_avg_fn(0.9))")]
     if float32_drift:
         loss32, params32, _ = optimizer_steps(data, steps, np.float32, device, model=model,
@@ -387,8 +406,77 @@ def check_saved_torch_model(data: Mnist, path: str, device: torch.device = CPU) 
                   f"{len(data.test_images)}")]
 
 
+def check_nnx_against_linen(data: Mnist, name: str = "net") -> list[Check]:
+    """7a. NNX against linen, model `name`: the initial weights from one key (exactly), eval and
+    train-mode outputs (dropout on, one key), BatchNorm statistics and gradients."""
+    images = flax_inputs(data.train_images[:BATCH])
+    labels = jnp.asarray(data.train_labels[:BATCH])
+    linen, nnx = flax_model(name, "linen", 0.05), flax_model(name, "nnx", 0.05)
+    key, dropout_key = jax.random.key(1), jax.random.key(2)
+    variables = jax.jit(linen.init)(key, images[:1])
+    init_gap = max(max_abs(a, b) for a, b in zip(
+        jax.tree.leaves(variables), jax.tree.leaves(jax.jit(nnx.init)(key, images[:1])),
+        strict=True))
+
+    def pass_of(model):
+        def loss_fn(params):
+            out, updates = model.apply({**variables, "params": params}, images, train=True,
+                                       rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+            return flax_core.nll_loss(out, labels), (out, updates.get("batch_stats", {}))
+
+        grads, (out, stats) = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
+        return out, stats, grads, jax.jit(model.apply)(variables, images)
+
+    (linen_out, linen_stats, linen_grads, linen_eval), (nnx_out, nnx_stats, nnx_grads,
+                                                          nnx_eval) = pass_of(linen), pass_of(nnx)
+    flat = lambda tree: dict(zip(map(str, range(len(jax.tree.leaves(tree)))),  # noqa: E731
+                                 map(np.asarray, jax.tree.leaves(tree)), strict=True))
+    checks = [Check(f"{name} (NNX): initial weights from one key = linen's", init_gap, 0.0),
+              Check(f"{name} (NNX): eval output = linen's", max_abs(nnx_eval, linen_eval), 1e-5),
+              Check(f"{name} (NNX): train-mode output, dropout on = linen's",
+                    max_abs(nnx_out, linen_out), 1e-5, "the same key drops the same channels")]
+    if linen_stats:
+        checks.append(Check(f"{name} (NNX): BatchNorm running mean/var after a step = linen's",
+                            max(max_abs(a, b) for a, b in zip(jax.tree.leaves(nnx_stats),
+                                                              jax.tree.leaves(linen_stats),
+                                                              strict=True)), 1e-5))
+    checks.append(Check(f"{name} (NNX): gradients = linen's (relative)",
+                        worst_relative_gradient_error(flat(linen_grads), flat(nnx_grads))[1],
+                        1e-5))
+    return checks
+
+
+def check_nnx_eval_outputs(data: Mnist, name: str, tolerance: float,
+                           device: torch.device = CPU) -> list[Check]:
+    """7b. The NNX module's own eval outputs with weights converted torch->NNX and NNX->torch."""
+    images = data.test_images[:BATCH]
+    torch_model = warmed_torch_model(name, data, device)
+    with torch.no_grad():
+        expected = torch_model(torch_inputs(images, device)).cpu().numpy()
+    module = torch_to_nnx(torch_model.state_dict(), name, dropout=0.0)
+    to_nnx = max_abs(np.asarray(module(flax_inputs(images))), expected)
+    module = nnx_model.create_model(name, 0.0, key=jax.random.key(1))
+    back = create_torch_model(name, dropout=0.0).to(device).eval()
+    back.load_state_dict(nnx_to_torch(module, name))
+    with torch.no_grad():
+        to_torch = max_abs(back(torch_inputs(images, device)).cpu().numpy(),
+                           np.asarray(module(flax_inputs(images))))
+    return [Check(f"eval output {name}, torch->NNX", to_nnx, tolerance),
+            Check(f"eval output {name}, NNX->torch", to_torch, tolerance)]
+
+
+def check_nnx(data: Mnist, device: torch.device = CPU) -> list[Check]:
+    """7. The NNX port against linen and against torch (checks 1 to 3 with the NNX network)."""
+    return (check_nnx_against_linen(data, "net") + check_nnx_against_linen(data, "tinynet")
+            + check_nnx_against_linen(data, "seednet")
+            + check_nnx_eval_outputs(data, "net", 1e-5, device)
+            + check_nnx_eval_outputs(data, "seednet", 1e-4, device)
+            + check_train_mode(data, device, "net", "nnx")
+            + check_optimizer_steps(data, float32_drift=False, device=device, api="nnx"))
+
+
 def all_checks(data: Mnist, device: torch.device = CPU) -> list[Callable[[], list[Check]]]:
-    """The six checks of the module docstring, in order, as thunks; torch on `device`."""
+    """The seven checks of the module docstring, in order, as thunks; torch on `device`."""
     return [lambda: (check_eval_outputs(data, "net", 1e-5, device)
                      + check_eval_outputs(data, "tinynet", 1e-5, device)
                      + check_eval_outputs(data, "widenet", 1e-5, device)
@@ -397,7 +485,8 @@ def all_checks(data: Mnist, device: torch.device = CPU) -> list[Callable[[], lis
             lambda: check_optimizer_steps(data, device=device) + check_loss(data),
             lambda: check_schedule(len(data.train_images)),
             lambda: check_rotation(data),
-            lambda: check_trained_models(data, device=device)]
+            lambda: check_trained_models(data, device=device),
+            lambda: check_nnx(data, device)]
 
 
 def format_rows(checks: list[Check]) -> str:
@@ -435,15 +524,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="only check this trained torch model.pt, converted to Flax")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="torch's device (auto: CUDA where torch sees a GPU)")
-    parser.add_argument("--checks", default="1,2,3,4,5,6",
+    parser.add_argument("--checks", default="1,2,3,4,5,6,7",
                         help="which of the numbered checks to run, e.g. 4,5")
     args = parser.parse_args(argv)
     try:
         chosen = sorted({int(n) for n in args.checks.split(",")})
-        if not all(1 <= n <= 6 for n in chosen):
+        if not all(1 <= n <= 7 for n in chosen):
             raise ValueError
     except ValueError:
-        parser.error(f"--checks takes numbers from 1 to 6 separated by commas, got "
+        parser.error(f"--checks takes numbers from 1 to 7 separated by commas, got "
                      f"{args.checks!r}")
     torch.manual_seed(0)
     try:

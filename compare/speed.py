@@ -26,11 +26,14 @@ import flax.linen as nn
 import jax
 import numpy as np
 import torch
+from flax import nnx
 
 from compare.layers import conv_shapes
 from compare.machine import cpu_name, peak_gflops, vector_extensions
 from flax_impl import augment as flax_augment
 from flax_impl import core as flax_core
+from flax_impl import model as flax_model
+from flax_impl import nnx_model
 from flax_impl import setup as flax_setup
 from flax_impl.common.config import RECIPES, Config, recipe_config
 from flax_impl.common.data import load_mnist
@@ -225,6 +228,87 @@ def ablation(data, config: Config, rounds: int, steps_per_call: int) -> dict:
             for name, ts in times.items()}
 
 
+class NnxJitBench:
+    """The same train step written as NNX code usually is: the module and an `nnx.Optimizer`
+    mutated in place under `nnx.jit`, one step per call (NNX's own per-call graph traversal)."""
+
+    def __init__(self, data, config: Config, kernels: str | Kernels = "auto"):
+        chosen = flax_setup.get_kernels(kernels)
+        run = flax_setup.setup_training(dataclasses.replace(config, api="nnx"), data,
+                                        devices=jax.devices()[:1], kernels=chosen)
+        self.model = nnx_model.create_model(
+            config.model, config.dropout, config.widths, key=jax.random.key(config.seed),
+            conv_general_dilated=chosen.conv_general_dilated, max_pool=chosen.max_pool)
+        self.optimizer = nnx.Optimizer(self.model, run.state.tx, wrt=nnx.Param)
+        self.images, self.labels = run.train_data
+        self.batch = config.batch_size
+
+        @nnx.jit
+        def step(model, optimizer, images, labels, key):
+            rotate_key, dropout_key = jax.random.split(key)
+            inputs = flax_model.to_inputs(images, lambda pixels: flax_augment.random_rotate(
+                pixels, config.max_rotation, rotate_key, chosen.rotate))
+
+            def loss_fn(model):
+                log_probs = model(inputs, train=True, dropout_key=dropout_key)
+                return flax_core.nll_loss(log_probs, labels, config.label_smoothing)
+
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return loss
+
+        self.step = step
+        start = time.perf_counter()
+        jax.block_until_ready(self._step(0))
+        self.warmup_seconds = time.perf_counter() - start
+
+    def _step(self, i: int):
+        first = (i * self.batch) % (len(self.labels) - self.batch)
+        return self.step(self.model, self.optimizer, self.images[first:first + self.batch],
+                         self.labels[first:first + self.batch], jax.random.key(i))
+
+    def train(self, chunk: int, calls: int = 1) -> float:
+        """Seconds per step of `calls` single steps."""
+        start = time.perf_counter()
+        for i in range(chunk * calls, (chunk + 1) * calls):
+            loss = self._step(i)
+        jax.block_until_ready(loss)
+        return (time.perf_counter() - start) / calls
+
+
+def nnx_comparison(data, config: Config, rounds: int, steps_per_call: int) -> dict:
+    """The NNX port against linen, timed in turns: the product's split-state scan (`--api nnx`)
+    against linen's, and single steps (a Python loop of jitted steps) of linen, of the NNX
+    split-state step and of the NNX step under `nnx.jit`. Median ms per step, and each one's
+    slow-down against linen's at the same steps per call (the median of the rounds' ratios)."""
+    nnx_config = dataclasses.replace(config, api="nnx")
+    benches = {  # name: (bench, calls per round, its linen baseline)
+        "linen_scan": (FlaxBench(data, config, steps_per_call), 1, "linen_scan"),
+        "nnx_scan": (FlaxBench(data, nnx_config, steps_per_call), 1, "linen_scan"),
+        "linen_step": (FlaxBench(data, config, 1), steps_per_call, "linen_step"),
+        "nnx_step": (FlaxBench(data, nnx_config, 1), steps_per_call, "linen_step"),
+        "nnx_jit_step": (NnxJitBench(data, config), steps_per_call, "linen_step"),
+    }
+    times = {name: [] for name in benches}
+    for i in range(rounds):
+        for name, (bench, calls, _) in benches.items():
+            times[name].append(bench.train(i + 1, calls))
+    return {name: {"median_ms": 1e3 * statistics.median(times[name]),
+                   "warmup_seconds": bench.warmup_seconds,
+                   "slowdown": statistics.median(
+                       t / b for t, b in zip(times[name], times[base], strict=True))}
+            for name, (bench, _, base) in benches.items()}
+
+
+NNX_VARIANTS = {
+    "linen_scan": "linen, lax.scan of steps (the product)",
+    "nnx_scan": "NNX split into its state, lax.scan (--api nnx)",
+    "linen_step": "linen, one jitted step per call",
+    "nnx_step": "NNX split into its state, one jax.jit step per call",
+    "nnx_jit_step": "NNX module and nnx.Optimizer under nnx.jit, one step per call",
+}
+
+
 def machine() -> dict:
     """Where the numbers come from."""
     return {"cpu": cpu_name(), "vector": vector_extensions(), "cores": os.cpu_count(),
@@ -281,6 +365,13 @@ def report(results: dict) -> str:
         for name, label in ABLATIONS.items():
             a = results["ablation"][name]
             lines.append(f"  {label:<58} {a['median_ms']:7.1f} ms  {a['slowdown']:5.2f}x")
+    if "nnx" in results:
+        lines += ["", "the NNX port against linen, timed in turns (median ms per train step, "
+                      "slow-down against linen at the same steps per call; compile time):"]
+        for name, label in NNX_VARIANTS.items():
+            a = results["nnx"][name]
+            lines.append(f"  {label:<62} {a['median_ms']:7.1f} ms  {a['slowdown']:5.2f}x  "
+                         f"{a['warmup_seconds']:5.1f} s")
     m = results["machine"]
     peak = results["machine"].get("peak_gflops")
     of_peak = f" = {100 * achieved / peak:.0f} % of a {peak:.0f} GFLOP/s peak" if peak else ""
@@ -306,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation", action="store_true",
                         help="also time Flax with each fast kernel undone, and stock Flax "
                              "(slow: six more compiles)")
+    parser.add_argument("--nnx", action="store_true",
+                        help="also time the NNX port beside linen: split-state scan and single "
+                             "steps, and the step under nnx.jit")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     parser.add_argument("--data-source", default="auto")
     parser.add_argument("--recipe", default="default", choices=RECIPES,
@@ -321,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                                 rounds, not args.no_epoch))
     if args.ablation:
         results["ablation"] = ablation(data, config, max(1, rounds // 2), steps_per_call)
+    if args.nnx:
+        results["nnx"] = nnx_comparison(data, config, max(1, rounds // 2), steps_per_call)
     print(report(results))
     if args.json:
         with open(args.json, "w") as file:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -24,7 +25,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_impl.common.config import Config
+from flax_impl import nnx_model
+from flax_impl.common.config import API_CHOICES, Config
 from flax_impl.common.data import Mnist
 from flax_impl.common.errors import ConfigError
 from flax_impl.core import (
@@ -40,6 +42,7 @@ from flax_impl.core import (
 from flax_impl.extras import distributed
 from flax_impl.extras.kernels import KERNELS, Kernels, get_kernels, resolve
 from flax_impl.model import create_model
+from flax_impl.nnx_model import SplitModel
 
 # Train steps per jitted call, a `lax.scan` (an epoch of 468 batches is 12 calls): fewer
 # dispatches than single steps, on the CPU and the GPU (docs/performance.md).
@@ -57,7 +60,7 @@ class Setup:
     """One run, ready to go: initial state, jitted functions and the data, on the devices."""
 
     config: Config
-    model: nn.Module
+    model: nn.Module | SplitModel
     kernels: Kernels
     state: TrainState  # the initial state, replicated over the mesh
     key: jax.Array  # the run's key; the epoch plans derive from it
@@ -124,9 +127,14 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
         replicated=replicated)
 
 
-def build_model(config: Config, kernels: str | Kernels = "auto") -> nn.Module:
-    """`config`'s network (model, widths, dropout) with the convolution and pooling of `kernels`."""
+def build_model(config: Config, kernels: str | Kernels = "auto") -> nn.Module | SplitModel:
+    """`config`'s network (model, widths, dropout) in its API (linen, or NNX behind linen's
+    `init`/`apply`) with the convolution and pooling of `kernels`."""
     chosen = get_kernels(kernels)
+    if config.api == "nnx":
+        return SplitModel.of(functools.partial(
+            nnx_model.create_model, config.model, config.dropout, config.widths,
+            conv_general_dilated=chosen.conv_general_dilated, max_pool=chosen.max_pool))
     return create_model(config.model, config.dropout, config.widths, conv=chosen.conv,
                         max_pool=chosen.max_pool)
 
@@ -139,7 +147,11 @@ def describe_kernels(kernels: str | Kernels) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of the optional layers: --steps-per-call, --kernels and the multi-process ones."""
+    """The Flax-only flags: --api, and those of the optional layers: --steps-per-call, --kernels
+    and the multi-process ones."""
+    parser.add_argument("--api", default="linen", choices=API_CHOICES,
+                        help="the network in Flax linen (flax_impl/model.py) or Flax NNX "
+                             "(flax_impl/nnx_model.py); the same weights and training")
     parser.add_argument("--steps-per-call", type=int, default=None,
                         help=f"train steps per jitted call (a lax.scan); default: "
                              f"{DEFAULT_STEPS_PER_CALL}")

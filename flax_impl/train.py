@@ -202,7 +202,8 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
             prepare_workdir(workdir, config, "flax", resume, overwrite, primary,
                             lambda: setup.barrier("workdir"))
         processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-        print(f"Flax on {run.replicated.mesh.size} {jax.default_backend()} device(s){processes}, "
+        api = " (NNX)" if config.api == "nnx" else ""
+        print(f"Flax{api} on {run.replicated.mesh.size} {jax.default_backend()} device(s){processes}, "
               f"{setup.describe_kernels(kernels)} kernels, {run.steps_per_call} step(s) per jitted call")
         manager = checkpoint_manager(workdir) if workdir else None
         try:

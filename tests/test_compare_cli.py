@@ -7,6 +7,7 @@ import json
 import pytest
 
 from compare import accuracy, layers, params, processes, speed, sweep
+from flax_impl.common.config import Config
 from tests.conftest import synthetic_mnist
 
 
@@ -14,7 +15,7 @@ def test_params_table_matches_and_net_is_under_20k(capsys):
     assert params.main(["--model", "all"]) == 0
     out = capsys.readouterr().out
     assert "verdict: MATCH; under 20,000 parameters" in out
-    assert "total: flax 6,379,786, torch 6,379,786" in out
+    assert "total: linen 6,379,786, nnx 6,379,786, torch 6,379,786" in out
 
 
 def test_params_json_counts_come_from_the_models(capsys):
@@ -22,6 +23,7 @@ def test_params_json_counts_come_from_the_models(capsys):
     table = json.loads(capsys.readouterr().out)
     assert table["flax_total"] == table["torch_total"] == sum(r["flax_count"]
                                                               for r in table["rows"])
+    assert table["nnx_total"] == sum(r["nnx_count"] for r in table["rows"]) == table["flax_total"]
     assert table["ok"] and table["under_limit"]
 
 
@@ -134,6 +136,16 @@ def test_speed_benchmark_runs_and_writes_json(tmp_path, monkeypatch, capsys):
     assert numbers["flax"]["step"]["n"] == 2 and numbers["torch"]["step"]["n"] == 4
     assert numbers["paired_step_speedup"] > 0
     assert numbers["train_flops_per_image"] == speed.train_flops_per_image()
+
+
+@pytest.mark.slow
+def test_speed_times_the_nnx_port_beside_linen_and_under_nnx_jit():
+    config = Config(batch_size=64, eval_batch_size=100, epochs=1)
+    timed = speed.nnx_comparison(synthetic_mnist(256, 100), config, rounds=2, steps_per_call=2)
+    assert list(timed) == list(speed.NNX_VARIANTS)
+    assert all(t["median_ms"] > 0 and t["slowdown"] > 0 and t["warmup_seconds"] > 0
+               for t in timed.values())
+    assert timed["linen_scan"]["slowdown"] == timed["linen_step"]["slowdown"] == 1.0
 
 
 def test_flop_count_agrees_with_torchs_flop_counter():

@@ -125,8 +125,10 @@ FLAX_RUN = ["--epochs", "2", "--batch-size", "64", "--steps-per-call", "3"]
 @pytest.mark.slow
 def test_flax_two_processes_train_as_one_process_and_resume(tiny_idx_source, tmp_path):
     flags = [*FLAX_RUN, "--data-source", tiny_idx_source]
-    two = finish_all(flax_processes([*flags, "--workdir", str(tmp_path / "two")]))
-    assert "Test set" in two[0].stdout and "in 2 processes" in two[0].stdout
+    # The two processes run the NNX network; the runs they are compared with, linen's.
+    two = finish_all(flax_processes([*flags, "--api", "nnx", "--workdir", str(tmp_path / "two")]))
+    assert "Test set" in two[0].stdout and "Flax (NNX) on 2 cpu device(s) in 2 processes" in \
+        two[0].stdout
     assert "Flax on" not in two[1].stdout and "Test set" not in two[1].stdout  # process 0 logs
     assert "Epoch" not in two[1].stderr
     two_devices = finish(start(["-m", "flax_impl.train", *flags, "--workdir",
@@ -138,7 +140,8 @@ def test_flax_two_processes_train_as_one_process_and_resume(tiny_idx_source, tmp
     assert one_device.returncode == 0, one_device.stderr[-3000:]
     runs = {name: read_metrics(tmp_path / name / "metrics.jsonl")
             for name in ("two", "devices", "one")}
-    # Two processes of one device each run the program one process runs on two devices.
+    # Two processes of one device each run the program one process runs on two devices (and
+    # NNX's program is linen's).
     assert_close([runs["two"], runs["devices"]], rtol=1e-6)
     # One device sums the global batch's BatchNorm statistics and gradients in another order.
     assert_close([runs["two"], runs["one"]], rtol=2e-3)
@@ -146,8 +149,8 @@ def test_flax_two_processes_train_as_one_process_and_resume(tiny_idx_source, tmp
     # Resume: the checkpoint of the last epoch lost, both processes redo it from the previous.
     checkpoints = sorted((tmp_path / "two" / "checkpoints").iterdir(), key=lambda p: int(p.name))
     shutil.rmtree(checkpoints[-1])
-    resumed = finish_all(flax_processes([*flags, "--workdir", str(tmp_path / "two"),
-                                         "--resume"]))
+    resumed = finish_all(flax_processes([*flags, "--api", "nnx", "--workdir",
+                                         str(tmp_path / "two"), "--resume"]))
     assert "Resumed from" in resumed[0].stdout and "epoch 2, step 0" in resumed[0].stdout
     def timeless(history):
         return [{k: v for k, v in record.items() if k != "seconds"} for record in history]

@@ -48,6 +48,16 @@ def test_hundred_optimizer_steps_agree_exactly_in_float64(mnist):
     assert len(checks) == 3  # the loss, the weights and statistics, their moving average
 
 
+def test_the_nnx_port_agrees_with_torch(mnist):
+    # Checks 1-3 with the NNX network in Flax's place (TinyNet at batch 32, as above).
+    checks = (parity.check_nnx_eval_outputs(mnist, "net", 1e-5)
+              + parity.check_train_mode(mnist, name="tinynet", api="nnx")
+              + parity.check_optimizer_steps(mnist, float32_drift=False, model="tinynet",
+                                             batch=32, api="nnx"))
+    assert_all_pass(checks)
+    assert len(checks) == 9 and all("NNX" in check.name for check in checks)
+
+
 def test_learning_rate_schedule_agrees_at_every_step():
     assert_all_pass(parity.check_schedule())
 

@@ -48,6 +48,7 @@ class Config:
     # (for choosing a recipe without looking at the test set).
     validation: int = 0
     eval_batch_size: int = 1000
+    api: str = "linen"  # the Flax API of the network (API_CHOICES); torch_ref has one
 
     def training_images(self, available: int) -> int:
         """How many of the `available` training images the run trains on: the first ones, of
@@ -95,6 +96,9 @@ RECIPES: dict[str, dict] = {
 }
 
 
+API_CHOICES = ("linen", "nnx")
+
+
 def recipe_config(recipe: str = "default", **overrides) -> Config:
     """The Config of `recipe` (a key of RECIPES), with `overrides` applied on top."""
     if recipe not in RECIPES:
@@ -105,6 +109,8 @@ def recipe_config(recipe: str = "default", **overrides) -> Config:
 def validate(config: Config) -> Config:
     """Raise ConfigError for values no run can use; return `config` unchanged."""
     model_widths(config.model, config.widths)  # a known model, and six positive widths
+    if config.api not in API_CHOICES:
+        raise ConfigError(f"--api must be one of {', '.join(API_CHOICES)}, got {config.api!r}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")

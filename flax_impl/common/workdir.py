@@ -91,8 +91,12 @@ def prepare_workdir(workdir: Path, config: Config, framework: str, resume: bool,
 
 
 def config_record(config: Config, framework: str) -> dict:
-    """What a workdir's config.json holds: the Config's fields and "framework"."""
-    return {"framework": framework, **json.loads(config.to_json())}
+    """What a workdir's config.json holds: the Config's fields and "framework" (torch's without
+    "api": it has one)."""
+    record = {"framework": framework, **json.loads(config.to_json())}
+    if framework == "torch":
+        del record["api"]
+    return record
 
 
 def check_workdir(workdir: Path, config: Config, framework: str, resume: bool,

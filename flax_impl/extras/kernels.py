@@ -5,8 +5,9 @@
 - "fast": the CPU kernels of `flax_impl.extras.fast`, equal in value and gradient;
 - "auto": "fast" on the CPU backend, "stock" elsewhere.
 
-The model takes its convolution and pooling as fields (as Flax's ImageNet `ResNet` takes
-`conv: ModuleDef`); the train step takes the rotation.
+The linen model takes its convolution and pooling as fields (as Flax's ImageNet `ResNet` takes
+`conv: ModuleDef`), the NNX model the convolution function `nnx.Conv` calls and the pooling; the
+train step takes the rotation.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ class Kernels:
     conv: Any = nn.Conv  # a ModuleDef: called like nn.Conv
     max_pool: Callable = nn.max_pool
     rotate: Callable = augment.rotate
+    conv_general_dilated: Callable = jax.lax.conv_general_dilated  # what `nnx.Conv` takes
 
 
 STOCK = Kernels()
 FAST = Kernels(conv=functools.partial(nn.Conv, conv_general_dilated=fast.conv_general_dilated),
-               max_pool=fast.max_pool, rotate=fast.rotate)
+               max_pool=fast.max_pool, rotate=fast.rotate,
+               conv_general_dilated=fast.conv_general_dilated)
 
 
 def resolve(kernels: str, backend: str | None = None) -> str:

@@ -123,11 +123,14 @@ def _explicit_padding(padding, kernel_shape) -> tuple[tuple[int, int], ...] | No
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
-                         im2col_channels: int = IM2COL_CHANNELS):
+                         im2col_channels: int = IM2COL_CHANNELS, **options):
     """`lax.conv_general_dilated` with a fast backward pass for stride-1 NHWC convolutions.
 
     Inputs with at most `im2col_channels` channels take the im2col path (0 turns it off).
+    Other keywords of `lax.conv_general_dilated` (`nnx.Conv` passes `out_sharding`) are passed
+    on; given a value, they take the plain convolution.
     """
+    options = {name: value for name, value in options.items() if value is not None}
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     explicit = _explicit_padding(padding, rhs.shape[:2]) if lhs.ndim == 4 else None
@@ -136,11 +139,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and all(d == 1 for d in (rhs_dilation or (1, 1)))
             and feature_group_count == 1 and batch_group_count == 1
-            and preferred_element_type is None)
+            and preferred_element_type is None and not options)
     if not fast:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
-                                        batch_group_count, precision, preferred_element_type)
+                                        batch_group_count, precision, preferred_element_type,
+                                        **options)
     if any(p for pair in explicit for p in pair):
         lhs = jnp.pad(lhs, ((0, 0), *explicit, (0, 0)))
     return conv_valid(lhs, rhs, im2col_channels)
