@@ -27,6 +27,17 @@ def short_config(source: str, **overrides) -> Config:
     return dataclasses.replace(config, **overrides)
 
 
+def test_the_initial_state_is_compiled_lightly_and_holds_the_same_bits(monkeypatch):
+    config = Config(ema_decay=0.9)
+    model, tx = setup.build_model(config), core.create_optimizer(config, 100)
+    light = core.create_train_state(jax.random.key(7), model, tx, ema=True)
+    assert core.INIT_COMPILER_OPTIONS == {"xla_backend_optimization_level": 1}
+    monkeypatch.setattr(core, "INIT_COMPILER_OPTIONS", {})  # XLA's default optimisation level
+    default = core.create_train_state(jax.random.key(7), model, tx, ema=True)
+    for a, b in zip(jax.tree.leaves(light), jax.tree.leaves(default), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_jitted_train_step_lowers_the_loss_on_a_fixed_batch():
     config = Config(max_rotation=0.0, dropout=0.0, epochs=1, train_examples=15 * 64,
                     batch_size=64)
