@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from compare import accuracy, layers, params, processes, speed, sweep
+from compare import accuracy, layers, params, processes, speed, sweep, xla_flags
 from flax_impl.common.config import Config
 from tests.conftest import synthetic_mnist
 
@@ -146,6 +146,19 @@ def test_speed_times_the_nnx_port_beside_linen_and_under_nnx_jit():
     assert all(t["median_ms"] > 0 and t["slowdown"] > 0 and t["warmup_seconds"] > 0
                for t in timed.values())
     assert timed["linen_scan"]["slowdown"] == timed["linen_step"]["slowdown"] == 1.0
+
+
+@pytest.mark.slow
+def test_xla_flags_times_each_option_in_its_own_process(tiny_idx_source, tmp_path, capsys):
+    out = tmp_path / "flags.json"
+    assert xla_flags.main(["--flag=--xla_cpu_use_thunk_runtime=false", "--rounds", "2",
+                           "--steps-per-call", "2", "--data-source", tiny_idx_source,
+                           "--json", str(out)]) == 0
+    options = json.loads(out.read_text())["options"]
+    assert list(options) == ["none", "--xla_cpu_use_thunk_runtime=false"]
+    assert options["none"]["speedup"] == 1.0 and options["none"]["supported"]
+    assert not options["--xla_cpu_use_thunk_runtime=false"]["supported"]  # XLA ignores it now
+    assert "no longer supported" in capsys.readouterr().out
 
 
 def test_flop_count_agrees_with_torchs_flop_counter():
