@@ -1,5 +1,8 @@
 """Flax vs torch speed, side by side in one process: `python -m compare.speed [--json FILE]`.
 
+JAX's persistent compilation cache is on, as for the training commands (`flax_impl.compile_cache`;
+`MNIST20K_JAX_CACHE=off` for cold compile times).
+
 For `Net` at the recipe's batch size, augmentation and dropout on (the default recipe), each
 framework's own product code: the training step (median and spread over many steps after
 warm-up), training and eval images/s, compile/warm-up time and, unless `--no-epoch`, a full epoch.
@@ -37,6 +40,7 @@ from flax_impl import nnx_model
 from flax_impl import setup as flax_setup
 from flax_impl.common.config import RECIPES, Config, recipe_config
 from flax_impl.common.data import load_mnist
+from flax_impl.compile_cache import use_compilation_cache
 from flax_impl.extras import fast as flax_fast
 from flax_impl.extras.kernels import FAST, STOCK, Kernels
 from torch_ref import setup as torch_setup
@@ -372,6 +376,10 @@ def report(results: dict) -> str:
             a = results["nnx"][name]
             lines.append(f"  {label:<62} {a['median_ms']:7.1f} ms  {a['slowdown']:5.2f}x  "
                          f"{a['warmup_seconds']:5.1f} s")
+    cache = results.get("compilation_cache")
+    lines.append(f"compilation cache: {cache} (what it holds loads instead of compiling; "
+                 f"MNIST20K_JAX_CACHE=off times a cold compile)" if cache else
+                 "compilation cache: off (the compile times are cold)")
     m = results["machine"]
     peak = results["machine"].get("peak_gflops")
     of_peak = f" = {100 * achieved / peak:.0f} % of a {peak:.0f} GFLOP/s peak" if peak else ""
@@ -405,11 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="default", choices=RECIPES,
                         help="the recipe (and its network) to time")
     args = parser.parse_args(argv)
+    cache = use_compilation_cache()
     config = recipe_config(args.recipe, data_source=args.data_source)
     data = load_mnist(args.data_source)
     steps_per_call = args.steps_per_call or flax_setup.DEFAULT_STEPS_PER_CALL
     results = {"batch_size": config.batch_size, "steps_per_call": steps_per_call,
-               "machine": machine()}
+               "machine": machine(), "compilation_cache": str(cache) if cache else None}
     rounds = max(1, args.steps // steps_per_call)
     results.update(side_by_side(FlaxBench(data, config, steps_per_call), TorchBench(data, config),
                                 rounds, not args.no_epoch))

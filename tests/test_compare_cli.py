@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -131,8 +132,12 @@ def test_speed_benchmark_runs_and_writes_json(tmp_path, monkeypatch, capsys):
     out = tmp_path / "speed.json"
     assert speed.main(["--steps", "4", "--steps-per-call", "2", "--no-epoch",
                        "--json", str(out)]) == 0
-    assert "training images/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training images/s" in printed
     numbers = json.loads(out.read_text())
+    # the persistent compilation cache is on, as for training (here: the tests' directory)
+    assert numbers["compilation_cache"] == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert f"compilation cache: {numbers['compilation_cache']}" in printed
     assert numbers["flax"]["step"]["n"] == 2 and numbers["torch"]["step"]["n"] == 4
     assert numbers["paired_step_speedup"] > 0
     assert numbers["train_flops_per_image"] == speed.train_flops_per_image()
