@@ -42,7 +42,8 @@ def drawn_with(init: Callable, key: jax.Array) -> Callable:
 def conv3x3(in_features: int, features: int, key: jax.Array, path: tuple[str, ...],
             padding: int = 0, use_bias: bool = True,
             conv_general_dilated: Callable = jax.lax.conv_general_dilated) -> nnx.Conv:
-    """A 3x3 stride-1 `nnx.Conv` with torch's initialisation, its variables drawn as linen's."""
+    """A 3x3 stride-1 `nnx.Conv` with torch's initialisation, its variables drawn as linen's
+    (the `rngs` NNX requires go unused: the initialisers bring their keys)."""
     return nnx.Conv(in_features, features, (3, 3), padding=((padding, padding), (padding, padding)),
                     use_bias=use_bias, kernel_init=drawn_with(torch_default_init,
                                                               linen_key(key, *path, 1)),
@@ -102,7 +103,7 @@ class Net(nnx.Module):
 
     def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths, *,
                  key: jax.Array, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
-                 max_pool: Callable | None = None):
+                 max_pool: Callable = nnx.max_pool):
         w1, w2, w3, w4, w5, w6 = widths
         convs = dict(key=key, conv_general_dilated=conv_general_dilated)
         self.block1 = ConvBlock(1, w1, dropout, name="block1", **convs)
@@ -116,7 +117,7 @@ class Net(nnx.Module):
                                bias_init=drawn_with(torch_default_bias_init(w6),
                                                     linen_key(key, "head", 2)),
                                rngs=nnx.Rngs(0))
-        self.max_pool = max_pool or default_max_pool
+        self.max_pool = max_pool
 
     def __call__(self, x: jax.Array, train: bool = False,
                  dropout_key: jax.Array | None = None) -> jax.Array:
@@ -133,7 +134,7 @@ class SeedNet(nnx.Module):
 
     def __init__(self, widths: tuple[int, ...] = MODELS["seednet"].widths, *, key: jax.Array,
                  conv_general_dilated: Callable = jax.lax.conv_general_dilated,
-                 max_pool: Callable | None = None):
+                 max_pool: Callable = nnx.max_pool):
         w1, w2, w3, w4, w5, w6 = widths
         conv = lambda i, o, name, padding=0: conv3x3(  # noqa: E731
             i, o, key, (name,), padding, conv_general_dilated=conv_general_dilated)
@@ -141,7 +142,7 @@ class SeedNet(nnx.Module):
         self.conv3, self.conv4 = conv(w2, w3, "conv3", 1), conv(w3, w4, "conv4", 1)
         self.conv5, self.conv6 = conv(w4, w5, "conv5"), conv(w5, w6, "conv6")
         self.conv7 = conv(w6, 10, "conv7")
-        self.max_pool = max_pool or default_max_pool
+        self.max_pool = max_pool
 
     def __call__(self, x: jax.Array, train: bool = False,
                  dropout_key: jax.Array | None = None) -> jax.Array:
@@ -154,14 +155,9 @@ class SeedNet(nnx.Module):
         return nnx.log_softmax(x.reshape(x.shape[0], -1))
 
 
-def default_max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
-    """`flax.linen.max_pool` (NNX has the same function as `nnx.max_pool`)."""
-    return nnx.max_pool(x, window, strides=strides)
-
-
 def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | None = None, *,
                  key: jax.Array, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
-                 max_pool: Callable | None = None) -> nnx.Module:
+                 max_pool: Callable = nnx.max_pool) -> nnx.Module:
     """NNX model `name` of the table at `widths`, initialised from `key` as linen's `init(key)`
     initialises `flax_impl.model.create_model(name, ...)`."""
     family, widths = model_spec(name).family, model_widths(name, widths)
