@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flax_impl.model import BatchNorm, Net, SeedNet, create_model
+from tests.conftest import jit_init
 
 
 def count(params) -> int:
@@ -17,7 +18,7 @@ def count(params) -> int:
 @pytest.mark.parametrize("model", [Net(), SeedNet()])
 def test_output_is_log_probabilities_of_shape_b_by_10(model):
     x = jax.random.normal(jax.random.key(0), (5, 28, 28, 1))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
+    variables = jit_init(model.init)(jax.random.key(1), x)
     log_probs = jax.jit(model.apply)(variables, x)
     assert log_probs.shape == (5, 10)
     np.testing.assert_allclose(jnp.exp(log_probs).sum(-1), 1.0, rtol=1e-5)
@@ -58,7 +59,7 @@ def test_train_mode_normalises_with_the_batch_and_eval_with_running_stats():
 def test_dropout_drops_whole_channels_only_in_training():
     model = Net(dropout=0.5)
     x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
+    variables = jit_init(model.init)(jax.random.key(1), x)
     evaluate = jax.jit(model.apply)
     np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
 
@@ -77,7 +78,7 @@ def test_both_frameworks_start_from_torchs_default_initialisation():
 
     torch.manual_seed(0)
     torch_kernel = create_torch_model("widenet").block6.conv.weight.detach().numpy()
-    init = jax.jit(create_model("widenet").init)  # one program, not one per operation
+    init = jit_init(create_model("widenet").init)  # one program, not one per operation
     params = init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
     flax_kernel, head_bias = np.asarray(params["block6"]["conv"]["kernel"]), params["head"]["bias"]
     bound = 1 / np.sqrt(9 * 24)  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3 * 3 * 24

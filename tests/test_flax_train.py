@@ -27,6 +27,7 @@ def short_config(source: str, **overrides) -> Config:
     return dataclasses.replace(config, **overrides)
 
 
+@pytest.mark.slow
 def test_the_initial_state_is_compiled_lightly_and_holds_the_same_bits(monkeypatch):
     config = Config(ema_decay=0.9)
     model, tx = setup.build_model(config), core.create_optimizer(config, 100)
@@ -82,6 +83,7 @@ def test_short_run_writes_its_workdir_and_prints_the_seed_lines(tiny_idx_source,
     assert set(variables) == {"params", "batch_stats"}
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_metrics(tiny_idx_source):
     config = short_config(tiny_idx_source, epochs=1)
     first, second = flax_train.train(config), flax_train.train(config)

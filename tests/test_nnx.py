@@ -4,12 +4,14 @@ conversions; its workdirs read by evaluate, predict and linen."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from PIL import Image
 
 from compare import convert, parity
@@ -19,7 +21,7 @@ from flax_impl.common.config import Config
 from flax_impl.common.workdir import read_metrics
 from flax_impl.model import create_model as create_linen_model
 from flax_impl.train import restore_variables
-from tests.conftest import crash_in_epoch, synthetic_mnist
+from tests.conftest import crash_in_epoch, jit_init, synthetic_mnist
 from torch_ref.model import create_model as create_torch_model
 
 X = jnp.zeros((1, 28, 28, 1), jnp.float32)
@@ -33,12 +35,15 @@ def assert_trees_equal(got, want):
 
 @pytest.mark.parametrize("name", ["net", "tinynet", "widenet", "seednet"])
 def test_one_key_gives_linens_variables_names_shapes_and_values(name):
-    key = jax.random.key(5)
-    linen = jax.jit(create_linen_model(name).init)(key, X)
-    module = nnx_model.create_model(name, key=key)
-    assert_trees_equal(nnx_model.split_variables(module), linen)
-    np.testing.assert_array_equal(np.asarray(module(X)), np.asarray(
-        create_linen_model(name).apply(linen, X)))
+    key, images = jax.random.key(5), jax.random.normal(jax.random.key(6), (4, 28, 28, 1))
+    linen = create_linen_model(name)
+    linen_variables = jit_init(linen.init)(key, X)
+
+    split = nnx_model.SplitModel.of(functools.partial(nnx_model.create_model, name))
+    variables = jit_init(split.init)(key, X)  # the NNX module built inside one program
+    assert_trees_equal(variables, linen_variables)
+    np.testing.assert_array_equal(np.asarray(jax.jit(split.apply)(variables, images)),
+                                  np.asarray(jax.jit(linen.apply)(linen_variables, images)))
 
 
 @pytest.mark.slow
@@ -62,7 +67,7 @@ def test_torch_nnx_and_linen_conversions_are_lossless(name):
 
 
 def test_conversion_errors_name_the_key_and_shape():
-    linen = jax.tree.map(np.asarray, jax.jit(create_linen_model("net").init)(jax.random.key(0), X))
+    linen = jax.tree.map(np.asarray, jit_init(create_linen_model("net").init)(jax.random.key(0), X))
     with pytest.raises(convert.ConversionError, match=r"'batch_stats/block1/bn/mean' has shape "
                                                       r"\[10\], tinynet needs \[8\]"):
         convert.linen_to_nnx(linen, "tinynet")
@@ -70,7 +75,8 @@ def test_conversion_errors_name_the_key_and_shape():
     with pytest.raises(convert.ConversionError, match="missing variable 'batch_stats/block3/bn/var'"):
         convert.linen_to_nnx(linen)
     with pytest.raises(convert.ConversionError, match="unexpected variable 'params/conv1/bias' for net"):
-        convert.nnx_to_linen(nnx_model.create_model("seednet", key=jax.random.key(0)), "net")
+        convert.nnx_to_linen(nnx.eval_shape(lambda: nnx_model.create_model(
+            "seednet", key=jax.random.key(0))), "net")  # its shapes suffice
 
 
 def short(source: str, **overrides) -> Config:

@@ -59,6 +59,7 @@ def test_short_run_writes_its_workdir(tiny_idx_source, tmp_path, capsys):
     Net().load_state_dict(state_dict)
 
 
+@pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, monkeypatch):
     config = Config(data_source=tiny_idx_source, epochs=3, batch_size=64, eval_batch_size=100)
     straight = torch_train.train(config, tmp_path / "straight")
