@@ -103,11 +103,6 @@ def warmed_torch_model(name: str, data: Mnist, device: torch.device = CPU, seed:
     return model.eval()
 
 
-def init_jit(init: Callable) -> Callable:
-    """`init` jitted as `core.create_train_state` compiles the port's (the same values)."""
-    return jax.jit(init, compiler_options=flax_core.INIT_COMPILER_OPTIONS)
-
-
 def flax_model(name: str, api: str = "linen", dropout: float = 0.0):
     """Model `name` in Flax `api` ("linen", or "nnx" behind linen's `init`/`apply`)."""
     return flax_setup.build_model(Config(model=name, dropout=dropout, api=api), "stock")
@@ -128,7 +123,7 @@ def check_eval_outputs(data: Mnist, name: str, tolerance: float, device: torch.d
                       expected)
 
     linen_model = create_flax_model(name, 0.0)
-    variables = init_jit(linen_model.init)(jax.random.key(1), flax_inputs(images[:1]))
+    variables = flax_core.jit_init(linen_model.init)(jax.random.key(1), flax_inputs(images[:1]))
     back = create_torch_model(name, dropout=0.0).to(device).eval()
     back.load_state_dict(flax_to_torch(variables, name))
     with torch.no_grad():
@@ -418,9 +413,9 @@ def check_nnx_against_linen(data: Mnist, name: str = "net") -> list[Check]:
     labels = jnp.asarray(data.train_labels[:BATCH])
     linen, nnx = flax_model(name, "linen", 0.05), flax_model(name, "nnx", 0.05)
     key, dropout_key = jax.random.key(1), jax.random.key(2)
-    variables = init_jit(linen.init)(key, images[:1])
+    variables = flax_core.jit_init(linen.init)(key, images[:1])
     init_gap = max(max_abs(a, b) for a, b in zip(
-        jax.tree.leaves(variables), jax.tree.leaves(init_jit(nnx.init)(key, images[:1])),
+        jax.tree.leaves(variables), jax.tree.leaves(flax_core.jit_init(nnx.init)(key, images[:1])),
         strict=True))
 
     def pass_of(model):

@@ -96,9 +96,14 @@ def create_train_state(key: jax.Array, model: nn.Module, tx: optax.GradientTrans
         return state.replace(step=jnp.zeros((), jnp.int32))
 
     # One compiled program instead of one per operation of the initialisation: the same values.
-    # It runs once: compiled at XLA's backend optimisation level 1, a fraction of level 2's
-    # compile time, the same bits (level 0 would fuse no multiply-add and round differently).
-    return jax.jit(create, compiler_options=INIT_COMPILER_OPTIONS)(key)
+    return jit_init(create)(key)
+
+
+def jit_init(init: Callable) -> Callable:
+    """`init` jitted for a program that runs once (an initialisation): at XLA's backend
+    optimisation level 1 (`INIT_COMPILER_OPTIONS`), a fraction of level 2's compile time and the
+    same bits (level 0 would fuse no multiply-add and round differently)."""
+    return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def variables_of(state: TrainState) -> dict:

@@ -21,15 +21,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
-def jit_init(init):
-    """`init` jitted as the port compiles its initialisation (`core.INIT_COMPILER_OPTIONS`): the
-    same values, a fraction of the compile time."""
-    import jax  # here: the cache settings above come first
-
-    from flax_impl.core import INIT_COMPILER_OPTIONS
-    return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)
-
-
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file (unsigned bytes) holding `array`."""
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_impl.core import jit_init
 from flax_impl.model import BatchNorm, Net, SeedNet, create_model
-from tests.conftest import jit_init
 
 
 def count(params) -> int:

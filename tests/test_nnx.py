@@ -19,9 +19,10 @@ from flax_impl import evaluate, nnx_model, predict
 from flax_impl import train as flax_train
 from flax_impl.common.config import Config
 from flax_impl.common.workdir import read_metrics
+from flax_impl.core import jit_init
 from flax_impl.model import create_model as create_linen_model
 from flax_impl.train import restore_variables
-from tests.conftest import crash_in_epoch, jit_init, synthetic_mnist
+from tests.conftest import crash_in_epoch, synthetic_mnist
 from torch_ref.model import create_model as create_torch_model
 
 X = jnp.zeros((1, 28, 28, 1), jnp.float32)
