@@ -25,6 +25,7 @@ TRAINER = "flax_impl.train"  # the module each run is `python -m`
 # The searches of docs/recipes.md: variants of the default recipe at 3 epochs, then other widths
 # under 20k parameters (`--widths`), then the fast recipe's neighbours on the CPU.
 THREE_EPOCHS = "--epochs 3 --dropout 0"
+FAST_V1 = f"--model widenet {THREE_EPOCHS} --lr 0.2 --label-smoothing 0.1"  # the first fast recipe
 VARIANTS = {
     "default3": "--epochs 3",  # the default recipe (dropout 0.05, batch 128) squeezed
     "b128": THREE_EPOCHS,
@@ -58,7 +59,19 @@ VARIANTS = {
                          f"--label-smoothing 0.1",
     # The stretch goal: the fast recipe in 2 epochs.
     "fast_2epochs": "--recipe fast --epochs 2",
+    # Fourth, on the CPU: the first fast recipe (wide_b128_lr02_ls) and its neighbours, for
+    # margin on every seed.
+    "fast": FAST_V1,
+    "fast_wd1e4": f"{FAST_V1} --weight-decay 1e-4",
+    "fast_wd1e3": f"{FAST_V1} --weight-decay 1e-3",
+    "fast_ls02": f"{FAST_V1} --label-smoothing 0.2",
+    "fast_lr03": f"{FAST_V1} --lr 0.3",
+    "fast_b64": f"{FAST_V1} --batch-size 64 --lr 0.1",
+    "fast_lr03_wd1e3": f"{FAST_V1} --lr 0.3 --weight-decay 1e-3",
+    "fast_lr04": f"{FAST_V1} --lr 0.4",
+    "fast_lr06": f"{FAST_V1} --lr 0.6",
 }
+MARGIN_SWEEP = "fast,fast_wd1e4,fast_wd1e3,fast_ls02,fast_lr03,fast_b64"
 SECOND_SWEEP = ("wide_b64_ls,wide_b256_lr04,b256_lr04_ls,w16_16_20_20_20_32_b64,"
                 "w12_16_20_24_24_24_b64,w12_20_20_20_24_24_b64,w10_14_20_24_24_28_b64")
 
@@ -102,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1,
                         help="training processes at once")
     parser.add_argument("--variants", default=",".join(list(VARIANTS)[:16]),
-                        help=f"comma-separated names, or 'second' (default: the first sweep's); "
+                        help=f"comma-separated names, or 'second' or 'margin' (default: the first "
+                             f"sweep's); "
                              f"one of {', '.join(VARIANTS)}")
     parser.add_argument("--extra", default="", help="flags added to every run (smoke tests)")
     args = parser.parse_args(argv)
-    names = (SECOND_SWEEP if args.variants == "second" else args.variants).split(",")
+    names = {"second": SECOND_SWEEP, "margin": MARGIN_SWEEP}.get(args.variants,
+                                                                 args.variants).split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")

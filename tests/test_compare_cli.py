@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from compare import accuracy, layers, params, processes, speed, sweep, xla_flags
+from compare import accuracy, collectives, layers, params, processes, speed, sweep, xla_flags
 from flax_impl.common.config import Config
 from tests.conftest import synthetic_mnist
 
@@ -285,3 +285,39 @@ def test_processes_starts_two_jax_processes_against_one_and_torchrun(tmp_path):
     assert first[-2:] == ["--process-id", "1"] and second[-2:] == ["--process-id", "0"]
     assert "127.0.0.1:23456" in first and "torch.distributed.run" in runs["torch2"][0]
     assert all("idx:D" in argv for argvs in runs.values() for argv in argvs)
+
+
+LOOPED_HLO = """\
+%body (p: (s32[], f32[9,4])) -> (s32[], f32[9,4]) {
+  %ar = f32[4]{0} all-reduce(%dot.1), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (s32[], f32[9,4]{1,0}) tuple(%i, %u)
+}
+
+ENTRY %main (a: f32[2,3]) -> f32[9,4] {
+  %w = (s32[], f32[9,4]{1,0}) while(%init), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"9"}}
+  %g = (f32[2,3]{1,0}, f32[]) all-reduce(%a, %l), channel_id=2, replica_groups={{0,1}}, to_apply=%add
+  ROOT %r = f32[9,4]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_are_counted_with_the_loops_that_repeat_them():
+    assert collectives.collectives_of(LOOPED_HLO) == [
+        {"op": "all-reduce", "bytes": 16, "times": 9},
+        {"op": "all-reduce", "bytes": 28, "times": 1}]
+    model = collectives.link_model([{"op": "all-reduce", "bytes": 1250, "times": 4}],
+                                   processes=2, latency_us=50, gbit_per_s=10)
+    # 4 messages x 2 hops x 50 us; 4 x 1250 bytes x 2 hops / 2 processes at 1.25 GB/s
+    assert model["latency_s"] == pytest.approx(4e-4) and model["transfer_s"] == pytest.approx(4e-6)
+
+
+@pytest.mark.slow
+def test_collectives_of_a_step_reduce_every_gradient(tmp_path, capsys):
+    out = tmp_path / "collectives.json"
+    assert collectives.main(["--recipe", "tinynet", "--json", str(out)]) == 0  # a new process
+    found = json.loads(out.read_text())
+    assert found["devices"] == 2 and found["model"] == "tinynet"
+    reduced = sum(c["bytes"] * c["times"] for c in found["collectives"])
+    assert reduced >= 4 * found["trainable_parameters"]  # each float32 gradient, at least
+    assert found["link_model"]["step_s"] > 0

@@ -395,7 +395,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(small_filesyste
                                                                  tiny_idx_source):
     workdir = small_filesystem / "run"
     argv = [sys.executable, "-m", module, "--data-source", tiny_idx_source, "--epochs", "30",
-            "--batch-size", "64", "--workdir", str(workdir)]
+            "--batch-size", "64", "--train-examples", "64", "--workdir", str(workdir)]
     full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert full.returncode == 2, full.stderr[-2000:]
     errors = [line for line in full.stderr.splitlines() if "error:" in line]

@@ -218,7 +218,8 @@ def write_curves(workdir: Path, history: list[dict]) -> Path:
     accuracy_axis.legend()
     for axis in (loss_axis, accuracy_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.tight_layout()
+    # Fixed margins: tight_layout measures every label each epoch, for the same layout.
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.25)
     path = workdir / "curves.png"
     figure.savefig(path, dpi=100)
     plt.close(figure)
