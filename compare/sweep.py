@@ -6,13 +6,16 @@ to --out: `variant seedS FLAGS :: <its last "Validation set:" line> :: <seconds>
 is never scored: a recipe is chosen here and confirmed on the test set by `compare.accuracy`.
 The processes share JAX's persistent compilation cache, so every seed after a variant's first
 reuses its compiled step; on a GPU many small runs share the device.
+`--summary FILE [FILE ...]` prints each variant's runs, mean, min and count >= 99.40 % instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,11 +109,36 @@ def seed_range(text: str) -> list[int]:
                                          f"got {text!r}") from None
 
 
+RESULT_LINE = re.compile(r"(\S+) seed(\d+) .*Validation set: .*\((\d+\.\d+)%\)")
+
+
+def summary(paths: list[str], target: float = 99.40) -> str:
+    """Per variant, over the result lines of `paths` (a later line of a seed replaces an earlier
+    one): runs, mean, min and how many reached `target` %, best mean first."""
+    runs: dict[str, dict[int, float]] = {}
+    for path in paths:
+        with open(path) as lines:
+            for match in filter(None, map(RESULT_LINE.match, lines)):
+                runs.setdefault(match[1], {})[int(match[2])] = float(match[3])
+    rows = sorted(runs.items(), key=lambda item: -statistics.mean(item[1].values()))
+    width = max([len("variant"), *map(len, runs)])
+    table = [f"{'variant':<{width}}  runs  mean %   min %  >= {target:.2f} %   seeds"]
+    for name, accuracies in rows:
+        values, seeds = list(accuracies.values()), sorted(accuracies)
+        contiguous = seeds == list(range(seeds[0], seeds[-1] + 1))
+        table.append(f"{name:<{width}}  {len(values):>4}  {statistics.mean(values):6.3f}  "
+                     f"{min(values):6.2f}  {sum(v >= target for v in values):>4} / {len(values):<4}"
+                     f"  {f'{seeds[0]}-{seeds[-1]}' if contiguous else ','.join(map(str, seeds))}")
+    return "\n".join(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m compare.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="the file the result lines are appended to")
+    parser.add_argument("--out", help="the file the result lines are appended to")
+    parser.add_argument("--summary", nargs="+", metavar="FILE",
+                        help="summarise these result files (runs nothing)")
     parser.add_argument("--seeds", type=seed_range, default="0-9", help="e.g. 0-9 or 0,3,5")
     parser.add_argument("--parallel", type=int, default=os.cpu_count() or 1,
                         help="training processes at once")
@@ -120,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"one of {', '.join(VARIANTS)}")
     parser.add_argument("--extra", default="", help="flags added to every run (smoke tests)")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary(args.summary))
+        return 0
+    if not args.out:
+        parser.error("--out FILE is required (or --summary FILE ...)")
     names = {"second": SECOND_SWEEP, "margin": MARGIN_SWEEP}.get(args.variants,
                                                                  args.variants).split(",")
     unknown = [n for n in names if n not in VARIANTS]

@@ -250,6 +250,19 @@ def test_sweep_runs_every_variant_and_seed_on_the_validation_split(tmp_path, mon
     assert "--widths" in widened and "10,16,20,20,24,32" in widened
 
 
+def test_sweep_summary_gives_each_variants_mean_min_and_count(tmp_path, capsys):
+    lines = ["b64 seed0 F :: Validation set: Average loss: 0.1, Accuracy: 9941/10000 (99.41%) :: 3 s",
+             "b64 seed2 F :: Validation set: Average loss: 0.1, Accuracy: 9937/10000 (99.37%) :: 3 s",
+             "b128 seed0 F :: FAILED (exit 1): boom :: 3 s",
+             "b128 seed1 F :: Validation set: Average loss: 0.1, Accuracy: 9950/10000 (99.50%) :: 3 s"]
+    (tmp_path / "a.txt").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(lines[2:]) + "\n")
+    assert sweep.main(["--summary", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["b128", "1", "99.500", "99.50", "1", "/", "1", "1-1"]
+    assert table[2].split() == ["b64", "2", "99.390", "99.37", "1", "/", "2", "0,2"]
+
+
 def test_sweep_refuses_an_unknown_variant(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--out", str(tmp_path / "x"), "--variants", "b128,nope"])
