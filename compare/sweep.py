@@ -70,11 +70,10 @@ VARIANTS = {
     "fast_ls02": f"{FAST_V1} --label-smoothing 0.2",
     "fast_lr03": f"{FAST_V1} --lr 0.3",
     "fast_b64": f"{FAST_V1} --batch-size 64 --lr 0.1",
-    "fast_lr03_wd1e3": f"{FAST_V1} --lr 0.3 --weight-decay 1e-3",
     "fast_lr04": f"{FAST_V1} --lr 0.4",
     "fast_lr06": f"{FAST_V1} --lr 0.6",
 }
-MARGIN_SWEEP = "fast,fast_wd1e4,fast_wd1e3,fast_ls02,fast_lr03,fast_b64"
+MARGIN_SWEEP = "fast,fast_wd1e4,fast_wd1e3,fast_ls02,fast_lr03,fast_b64,fast_lr04,fast_lr06"
 SECOND_SWEEP = ("wide_b64_ls,wide_b256_lr04,b256_lr04_ls,w16_16_20_20_20_32_b64,"
                 "w12_16_20_24_24_24_b64,w12_20_20_20_24_24_b64,w10_14_20_24_24_28_b64")
 
