@@ -35,7 +35,7 @@ def array_bytes(shapes: str) -> int:
         count = 1
         for dim in filter(None, dims.split(",")):
             count *= int(dim)
-        total += count * BYTES.get(dtype, int(dtype[1:]) // 8 if dtype[1:].isdigit() else 4)
+        total += count * (BYTES.get(dtype) or int(dtype[1:]) // 8)
     return total
 
 
@@ -110,9 +110,9 @@ def link_model(collectives: list[dict], processes: int, latency_us: float,
     return {"latency_s": latency, "transfer_s": transfer, "step_s": latency + transfer}
 
 
-def report(found: dict, processes: int, latency_us: float, gbit_per_s: float) -> str:
-    """The printed table: each collective, the totals and the link model."""
-    collectives = found["collectives"]
+def report(found: dict) -> str:
+    """The printed table: each collective, the totals and `found["link_model"]`."""
+    collectives, model = found["collectives"], found["link_model"]
     count = sum(c["times"] for c in collectives)
     total = sum(c["bytes"] * c["times"] for c in collectives)
     lines = [f"{found['recipe']} recipe ({found['model']}, {found['trainable_parameters']:,} "
@@ -122,12 +122,19 @@ def report(found: dict, processes: int, latency_us: float, gbit_per_s: float) ->
     lines += [f"  {i:2d}  {c['op']:<12} {c['bytes']:>8,} B" + (f"  x {c['times']} (in a loop)"
                                                              if c["times"] > 1 else "")
               for i, c in enumerate(collectives, 1)]
-    model = link_model(collectives, processes, latency_us, gbit_per_s)
-    lines.append(f"on a {gbit_per_s:g} Gbit/s link with {latency_us:g} us per message, "
-                 f"{processes} processes (ring): {1e3 * model['latency_s']:.2f} ms of latency + "
+    lines.append(f"on a {model['gbit_per_s']:g} Gbit/s link with {model['latency_us']:g} us per "
+                 f"message, {model['processes']} processes (ring): "
+                 f"{1e3 * model['latency_s']:.2f} ms of latency + "
                  f"{1e3 * model['transfer_s']:.3f} ms of transfer = "
                  f"{1e3 * model['step_s']:.2f} ms per step")
     return "\n".join(lines)
+
+
+def child_env(devices: int) -> dict:
+    """The environment of a process with `devices` CPU devices."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices < 2:
         parser.error(f"--devices must be >= 2 (one device has no collectives), got {args.devices}")
     if "jax" in sys.modules:  # the device count is fixed once jax has started: a new process
-        command = [sys.executable, "-m", "compare.collectives", *(argv or sys.argv[1:])]
+        command = [sys.executable, "-m", "compare.collectives", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(command, env=child_env(args.devices)).returncode
     os.environ.update(child_env(args.devices))
     found = step_collectives(args.recipe, args.kernels)
@@ -155,17 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                            "gbit_per_s": args.gbit_per_s,
                            **link_model(found["collectives"], args.devices, args.latency_us,
                                         args.gbit_per_s)}
-    print(report(found, args.devices, args.latency_us, args.gbit_per_s))
+    print(report(found))
     if args.json:
         args.json.write_text(json.dumps(found, indent=2) + "\n")
     return 0
-
-
-def child_env(devices: int) -> dict:
-    """The environment of a process with `devices` CPU devices."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
 
 
 if __name__ == "__main__":
