@@ -5,9 +5,10 @@ Mirrors `torch_ref/model.py` layer for layer and name for name. Input: float32 N
 
 Usage: ``model = create_model("net")``; ``variables = model.init(key, x, train=False)`` gives
 ``{"params", "batch_stats"}``; ``model.apply(variables, x, train=True, rngs={"dropout": key},
-mutable=["batch_stats"])`` trains. The convolution and max-pool are fields (`conv`, `max_pool`):
-plain `nn.Conv` and `nn.max_pool` by default; a drop-in (the optional CPU kernels of
-`flax_impl.extras`) is passed in by construction, as Flax's ImageNet `ResNet` takes `conv`.
+mutable=["batch_stats"])`` trains. The convolution, max-pool and batch normalisation are fields
+(`conv`, `max_pool`, `normalize`): plain `nn.Conv`, `nn.max_pool` and `batch_normalize` by
+default; a drop-in (the optional CPU kernels of `flax_impl.extras`) is passed in by
+construction, as Flax's ImageNet `ResNet` takes `conv`.
 The networks' widths come from the model table, `flax_impl.common.models`.
 """
 
@@ -57,17 +58,29 @@ def conv3x3(conv: ModuleDef, features: int, in_features: int, padding: int = 0,
                 bias_init=torch_default_bias_init(9 * in_features), name=name)
 
 
+def batch_normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`x` normalised with its batch statistics over all axes but the last, then scaled and
+    shifted: (normalised x, batch mean, biased batch variance)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+
+
 class BatchNorm(nn.Module):
     """BatchNorm with PyTorch's conventions, so converted torch weights behave identically.
 
     Normalises with the biased batch variance while training (as both frameworks do), but keeps the
     *unbiased* variance in its running average and uses torch's momentum (new = (1-m) old + m batch),
     as `torch.nn.BatchNorm2d` does; `flax.linen.BatchNorm` keeps the biased one.
-    Variables: params ``scale``, ``bias``; batch_stats ``mean``, ``var``.
+    Variables: params ``scale``, ``bias``; batch_stats ``mean``, ``var``. `normalize`: how the
+    training batch is normalised (`batch_normalize`, or a drop-in with its signature).
     """
 
     momentum: float = 0.1
     epsilon: float = 1e-5
+    normalize: Callable = batch_normalize
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -77,15 +90,13 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,))
         if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = x.mean(axes)
-            var = jnp.square(x - mean).mean(axes)
+            y, mean, var = self.normalize(x, scale, bias, self.epsilon)
             if not self.is_initializing():
                 count = x.size // features
                 running_mean.value += self.momentum * (mean - running_mean.value)
                 running_var.value += self.momentum * (var * count / (count - 1) - running_var.value)
-        else:
-            mean, var = running_mean.value, running_var.value
+            return y
+        mean, var = running_mean.value, running_var.value
         return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
 
 
@@ -96,11 +107,12 @@ class ConvBlock(nn.Module):
     features: int
     dropout: float
     conv: ModuleDef = nn.Conv
+    normalize: Callable = batch_normalize
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = conv3x3(self.conv, self.features, self.in_features, use_bias=False, name="conv")(x)
-        x = nn.relu(BatchNorm(name="bn")(x, train))
+        x = nn.relu(BatchNorm(normalize=self.normalize, name="bn")(x, train))
         # Dropping whole channels (torch's Dropout2d) draws B*C random numbers instead of B*H*W*C:
         # random bits are slow on XLA:CPU.
         dropout = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)
@@ -119,10 +131,11 @@ class Net(nn.Module):
     widths: tuple[int, ...] = MODELS["net"].widths
     conv: ModuleDef = nn.Conv
     max_pool: Callable = nn.max_pool
+    normalize: Callable = batch_normalize
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        block = functools.partial(ConvBlock, conv=self.conv)
+        block = functools.partial(ConvBlock, conv=self.conv, normalize=self.normalize)
         w1, w2, w3, w4, w5, w6 = self.widths
         x = block(1, w1, self.dropout, name="block1")(x, train)
         x = block(w1, w2, self.dropout, name="block2")(x, train)
@@ -167,10 +180,12 @@ class SeedNet(nn.Module):
 
 
 def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | None = None,
-                 conv: ModuleDef = nn.Conv, max_pool: Callable = nn.max_pool) -> nn.Module:
+                 conv: ModuleDef = nn.Conv, max_pool: Callable = nn.max_pool,
+                 normalize: Callable = batch_normalize) -> nn.Module:
     """Model `name` of the table (`flax_impl.common.models`), at `widths` (default: its own),
-    with the convolution and pooling given (default: `nn.Conv`, `nn.max_pool`)."""
+    with the convolution, pooling and batch normalisation given (default: `nn.Conv`,
+    `nn.max_pool`, `batch_normalize`)."""
     family, widths = model_spec(name).family, model_widths(name, widths)
-    if family == "seednet":  # no dropout
+    if family == "seednet":  # no dropout or BatchNorm
         return SeedNet(widths=widths, conv=conv, max_pool=max_pool)
-    return Net(dropout=dropout, widths=widths, conv=conv, max_pool=max_pool)
+    return Net(dropout=dropout, widths=widths, conv=conv, max_pool=max_pool, normalize=normalize)

@@ -25,7 +25,7 @@ from flax import nnx
 from flax.core.scope import LazyRng
 
 from flax_impl.common.models import MODELS, model_spec, model_widths
-from flax_impl.model import torch_default_bias_init, torch_default_init
+from flax_impl.model import batch_normalize, torch_default_bias_init, torch_default_init
 
 
 def linen_key(key: jax.Array, *path: str | int) -> jax.Array:
@@ -55,25 +55,25 @@ def conv3x3(in_features: int, features: int, key: jax.Array, path: tuple[str, ..
 class BatchNorm(nnx.Module):
     """BatchNorm with PyTorch's conventions (unbiased running variance, torch's momentum), as
     `flax_impl.model.BatchNorm`; `nnx.BatchNorm` keeps the biased variance.
-    Params ``scale``, ``bias``; batch statistics ``mean``, ``var``."""
+    Params ``scale``, ``bias``; batch statistics ``mean``, ``var``. `normalize`: how the training
+    batch is normalised (`flax_impl.model.batch_normalize`, or a drop-in)."""
 
-    def __init__(self, features: int, momentum: float = 0.1, epsilon: float = 1e-5):
+    def __init__(self, features: int, momentum: float = 0.1, epsilon: float = 1e-5,
+                 normalize: Callable = batch_normalize):
         self.scale = nnx.Param(jnp.ones((features,)))
         self.bias = nnx.Param(jnp.zeros((features,)))
         self.mean = nnx.BatchStat(jnp.zeros((features,)))
         self.var = nnx.BatchStat(jnp.ones((features,)))
-        self.momentum, self.epsilon = momentum, epsilon
+        self.momentum, self.epsilon, self.normalize = momentum, epsilon, normalize
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = x.mean(axes)
-            var = jnp.square(x - mean).mean(axes)
+            y, mean, var = self.normalize(x, self.scale[...], self.bias[...], self.epsilon)
             count = x.size // x.shape[-1]
             self.mean[...] += self.momentum * (mean - self.mean[...])
             self.var[...] += self.momentum * (var * count / (count - 1) - self.var[...])
-        else:
-            mean, var = self.mean[...], self.var[...]
+            return y
+        mean, var = self.mean[...], self.var[...]
         return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
 
 
@@ -81,10 +81,11 @@ class ConvBlock(nnx.Module):
     """3x3 convolution (no bias) -> BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
 
     def __init__(self, in_features: int, features: int, dropout: float, key: jax.Array,
-                 name: str, conv_general_dilated: Callable = jax.lax.conv_general_dilated):
+                 name: str, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
+                 normalize: Callable = batch_normalize):
         self.conv = conv3x3(in_features, features, key, (name, "conv"), use_bias=False,
                             conv_general_dilated=conv_general_dilated)
-        self.bn = BatchNorm(features)
+        self.bn = BatchNorm(features, normalize=normalize)
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2)) if dropout else None
         self.name = name
 
@@ -103,9 +104,9 @@ class Net(nnx.Module):
 
     def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths, *,
                  key: jax.Array, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
-                 max_pool: Callable = nnx.max_pool):
+                 max_pool: Callable = nnx.max_pool, normalize: Callable = batch_normalize):
         w1, w2, w3, w4, w5, w6 = widths
-        convs = dict(key=key, conv_general_dilated=conv_general_dilated)
+        convs = dict(key=key, conv_general_dilated=conv_general_dilated, normalize=normalize)
         self.block1 = ConvBlock(1, w1, dropout, name="block1", **convs)
         self.block2 = ConvBlock(w1, w2, dropout, name="block2", **convs)
         self.block3 = ConvBlock(w2, w3, dropout, name="block3", **convs)
@@ -157,7 +158,8 @@ class SeedNet(nnx.Module):
 
 def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | None = None, *,
                  key: jax.Array, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
-                 max_pool: Callable = nnx.max_pool) -> nnx.Module:
+                 max_pool: Callable = nnx.max_pool, normalize: Callable = batch_normalize
+                 ) -> nnx.Module:
     """NNX model `name` of the table at `widths`, initialised from `key` as linen's `init(key)`
     initialises `flax_impl.model.create_model(name, ...)`."""
     family, widths = model_spec(name).family, model_widths(name, widths)
@@ -165,7 +167,7 @@ def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | Non
         return SeedNet(widths, key=key, conv_general_dilated=conv_general_dilated,
                        max_pool=max_pool)
     return Net(dropout, widths, key=key, conv_general_dilated=conv_general_dilated,
-               max_pool=max_pool)
+               max_pool=max_pool, normalize=normalize)
 
 
 def split_variables(model: nnx.Module) -> dict:

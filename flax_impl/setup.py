@@ -108,7 +108,7 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
                           f"divide evenly over {mesh.size} devices")
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     rows = NamedSharding(mesh, P(None, "data"))  # each device gets its share of a batch's rows
-    kernels = get_kernels(kernels)
+    kernels = get_kernels(kernels, batch_groups=mesh.size)
     model = build_model(config, kernels)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(init_key, model, create_optimizer(config, config.epochs * steps),
@@ -129,14 +129,15 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
 
 def build_model(config: Config, kernels: str | Kernels = "auto") -> nn.Module | SplitModel:
     """`config`'s network (model, widths, dropout) in its API (linen, or NNX behind linen's
-    `init`/`apply`) with the convolution and pooling of `kernels`."""
+    `init`/`apply`) with the convolution, pooling and batch normalisation of `kernels`."""
     chosen = get_kernels(kernels)
     if config.api == "nnx":
         return SplitModel.of(functools.partial(
             nnx_model.create_model, config.model, config.dropout, config.widths,
-            conv_general_dilated=chosen.conv_general_dilated, max_pool=chosen.max_pool))
+            conv_general_dilated=chosen.conv_general_dilated, max_pool=chosen.max_pool,
+            normalize=chosen.batch_normalize))
     return create_model(config.model, config.dropout, config.widths, conv=chosen.conv,
-                        max_pool=chosen.max_pool)
+                        max_pool=chosen.max_pool, normalize=chosen.batch_normalize)
 
 
 def describe_kernels(kernels: str | Kernels) -> str:

@@ -7,7 +7,17 @@ import os
 
 import pytest
 
-from compare import accuracy, collectives, layers, params, processes, speed, sweep, xla_flags
+from compare import (
+    accuracy,
+    all_reduce,
+    collectives,
+    layers,
+    params,
+    processes,
+    speed,
+    sweep,
+    xla_flags,
+)
 from flax_impl.common.config import Config
 from tests.conftest import synthetic_mnist
 
@@ -300,6 +310,27 @@ def test_processes_starts_two_jax_processes_against_one_and_torchrun(tmp_path):
     assert all("idx:D" in argv for argvs in runs.values() for argv in argvs)
 
 
+@pytest.mark.slow
+def test_all_reduce_times_both_frameworks_with_and_without_load(tmp_path, capsys):
+    out = tmp_path / "all_reduce.json"
+    assert all_reduce.main(["--count", "3", "--floats", "8", "--products", "1", "--calls", "2",
+                            "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["jax: 3 all-reduces of 32 B"] * 2 + [
+        "torch: 3 all-reduces of 32 B"] * 2
+    found = json.loads(out.read_text())
+    for framework in ("jax", "torch"):
+        assert set(found[framework]) == {f"{setting}, {name}" for setting in (
+            "idle", "between products") for name in ("with", "without")}
+        assert all(seconds > 0 for seconds in found[framework].values())
+
+
+def test_all_reduce_bad_sizes_are_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        all_reduce.main(["--floats", "0"])
+    assert stop.value.code == 2 and "--floats must be 1..256" in capsys.readouterr().err
+
+
 LOOPED_HLO = """\
 %body (p: (s32[], f32[9,4])) -> (s32[], f32[9,4]) {
   %ar = f32[4]{0} all-reduce(%dot.1), channel_id=1, replica_groups={{0,1}}, to_apply=%add
@@ -333,4 +364,8 @@ def test_collectives_of_a_step_reduce_every_gradient(tmp_path, capsys):
     assert found["devices"] == 2 and found["model"] == "tinynet"
     reduced = sum(c["bytes"] * c["times"] for c in found["collectives"])
     assert reduced >= 4 * found["trainable_parameters"]  # each float32 gradient, at least
+    # The CPU kernels on a split batch: no collective inside a loop, one all-reduce per
+    # BatchNorm layer each way and one for the gradients.
+    assert found["kernels"] == "fast" and all(c["times"] == 1 for c in found["collectives"])
+    assert len(found["collectives"]) == 2 * 6 + 1
     assert found["link_model"]["step_s"] > 0

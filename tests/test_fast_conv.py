@@ -58,3 +58,13 @@ def test_unsupported_convolutions_fall_back_to_lax():
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
     reference, fast = loss_pair("VALID", strides=(2, 2))
     np.testing.assert_allclose(jax.grad(fast, 1)(x, w), jax.grad(reference, 1)(x, w), rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_groups", [2, 4, 3])  # 3 does not divide the batch: one group
+def test_a_kernel_gradient_summed_per_group_of_examples_is_the_same(batch_groups):
+    x = jax.random.normal(jax.random.key(0), (4, 10, 10, 6))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 6, 5))
+    reference, fast = loss_pair("VALID", batch_groups=batch_groups)
+    for got, want in zip(jax.grad(fast, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ from flax_impl.common.errors import ConfigError
 from flax_impl.common.models import MODELS
 from flax_impl.extras import fast
 from flax_impl.extras.kernels import FAST, STOCK, get_kernels, resolve
-from flax_impl.model import create_model
+from flax_impl.model import batch_normalize, create_model
 from tests.conftest import synthetic_mnist
 from torch_ref.model import create_model as create_torch_model
 
@@ -39,8 +39,22 @@ def test_stock_kernels_are_plain_flax_and_fast_ones_are_the_cpu_kernels():
     assert STOCK.rotate is augment.rotate
     stock, quick = build("net", kernels="stock"), build("net", kernels="fast")
     assert stock.conv is nn.Conv and stock.max_pool is nn.max_pool
-    assert quick.conv.keywords["conv_general_dilated"] is fast.conv_general_dilated
+    conv = quick.conv.keywords["conv_general_dilated"]
+    assert conv.func is fast.conv_general_dilated and conv.keywords == {"batch_groups": 1}
     assert quick.max_pool is fast.max_pool and FAST.rotate is fast.rotate
+    assert quick.normalize is STOCK.batch_normalize is batch_normalize  # one device: stock
+
+
+def test_a_batch_split_over_devices_gets_kernels_that_reduce_it_once_a_layer_each_way():
+    split = get_kernels("fast", batch_groups=2)
+    assert split.conv_general_dilated.keywords == {"batch_groups": 2}
+    assert split.batch_normalize is fast.batch_normalize
+    assert get_kernels("fast", batch_groups=2) is split  # one Kernels per split: one program
+    assert get_kernels("stock", batch_groups=2) is STOCK
+    mesh = setup.setup_training(Config(batch_size=64, eval_batch_size=64),
+                                synthetic_mnist(128, 64), devices=jax.devices()[:1],
+                                kernels="fast")
+    assert mesh.kernels is FAST
 
 
 def model_loss_and_grads(name: str, kernels: str, dtype) -> tuple:

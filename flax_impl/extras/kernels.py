@@ -22,24 +22,37 @@ import jax
 
 from flax_impl import augment
 from flax_impl.extras import fast
+from flax_impl.model import batch_normalize
 
 KERNELS = ("auto", "stock", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """The implementations of the three operations that have a CPU kernel."""
+    """The implementations of the operations that have a CPU kernel."""
 
     conv: Any = nn.Conv  # a ModuleDef: called like nn.Conv
     max_pool: Callable = nn.max_pool
     rotate: Callable = augment.rotate
     conv_general_dilated: Callable = jax.lax.conv_general_dilated  # what `nnx.Conv` takes
+    batch_normalize: Callable = batch_normalize  # what both models' BatchNorm trains with
 
 
 STOCK = Kernels()
-FAST = Kernels(conv=functools.partial(nn.Conv, conv_general_dilated=fast.conv_general_dilated),
-               max_pool=fast.max_pool, rotate=fast.rotate,
-               conv_general_dilated=fast.conv_general_dilated)
+
+
+@functools.cache
+def fast_kernels(batch_groups: int = 1) -> Kernels:
+    """The CPU kernels of `flax_impl.extras.fast`, for a batch split over `batch_groups`
+    devices: then the convolution's kernel gradient crosses devices once per layer, and
+    BatchNorm sums the batch once each way (`fast.batch_normalize`)."""
+    conv = functools.partial(fast.conv_general_dilated, batch_groups=batch_groups)
+    return Kernels(conv=functools.partial(nn.Conv, conv_general_dilated=conv),
+                   max_pool=fast.max_pool, rotate=fast.rotate, conv_general_dilated=conv,
+                   batch_normalize=fast.batch_normalize if batch_groups > 1 else batch_normalize)
+
+
+FAST = fast_kernels(1)
 
 
 def resolve(kernels: str, backend: str | None = None) -> str:
@@ -51,8 +64,9 @@ def resolve(kernels: str, backend: str | None = None) -> str:
     return kernels
 
 
-def get_kernels(kernels: str | Kernels = "auto") -> Kernels:
-    """The Kernels a name stands for (on this backend); a Kernels is returned as it is."""
+def get_kernels(kernels: str | Kernels = "auto", batch_groups: int = 1) -> Kernels:
+    """The Kernels a name stands for (on this backend), for a batch split over `batch_groups`
+    devices; a Kernels is returned as it is."""
     if isinstance(kernels, Kernels):
         return kernels
-    return FAST if resolve(kernels) == "fast" else STOCK
+    return fast_kernels(batch_groups) if resolve(kernels) == "fast" else STOCK

@@ -1,0 +1,80 @@
+"""flax_impl.extras.fast.batch_norm: one reduction each way, the values and gradients of
+flax_impl.model.batch_normalize."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_impl.extras import fast
+from flax_impl.model import batch_normalize, create_model
+
+
+def inputs(shape=(6, 5, 5, 4), offset=3.0):
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], shape) * 2 + offset  # a mean far from 0: one-pass variance
+    scale, bias = jax.random.normal(keys[1], shape[-1:]), jax.random.normal(keys[2], shape[-1:])
+    return x, scale, bias, jax.random.normal(keys[3], shape)
+
+
+def weighted(normalize, weights):
+    """A loss of all three outputs (the running averages use the mean and variance)."""
+    def loss(x, scale, bias):
+        y, mean, var = normalize(x, scale, bias, 1e-5)
+        return jnp.sum(y * weights) + 0.3 * jnp.sum(mean ** 2) + 1.7 * jnp.sum(var)
+    return loss
+
+
+@pytest.mark.parametrize("shape, offset", [((6, 5, 5, 4), 3.0), ((2, 3, 3, 7), 0.0),
+                                           ((16, 12), -1.0)])
+def test_values_and_gradients_equal_the_stock_batch_norm(shape, offset):
+    x, scale, bias, weights = inputs(shape, offset)
+    for got, want in zip(fast.batch_normalize(x, scale, bias, 1e-5),
+                         batch_normalize(x, scale, bias, 1e-5), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(weighted(f, weights), (0, 1, 2))(x, scale, bias)
+             for f in (fast.batch_normalize, batch_normalize)]
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_each_direction_sums_the_batch_in_one_reduction():
+    x, scale, bias, weights = inputs()
+
+    def reductions(normalize) -> tuple[int, int]:
+        """The sums in the forward pass and in the backward pass."""
+        def forward(x, scale, bias):
+            return normalize(x, scale, bias, 1e-5)
+
+        _, backward = jax.vjp(forward, x, scale, bias)
+        cotangents = (weights, scale, bias)  # any (y, mean, var)-shaped values
+        return tuple(str(jax.make_jaxpr(f)(*args)).count("reduce_sum") for f, args in (
+            (forward, (x, scale, bias)), (backward, (cotangents,))))
+
+    assert reductions(fast.batch_normalize) == (1, 1)
+    forward, backward = reductions(batch_normalize)
+    assert forward == 2 and backward >= 2  # what it saves: the all-reduces across devices
+
+
+def test_a_network_trained_with_it_matches_the_stock_network():
+    x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+    stock, lean = create_model("tinynet", 0.0), create_model("tinynet", 0.0,
+                                                             normalize=fast.batch_normalize)
+    variables = stock.init(jax.random.key(2), x)
+
+    def loss(model):
+        def f(params):
+            out, stats = model.apply({**variables, "params": params}, x, train=True,
+                                     mutable=["batch_stats"])
+            return jnp.sum(out * jnp.arange(10.0)), stats
+        return jax.value_and_grad(f, has_aux=True)(variables["params"])
+
+    (got, got_stats), got_grads = loss(lean)
+    (want, want_stats), want_grads = loss(stock)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((got_stats, got_grads)), jax.tree.leaves((want_stats,
+                                                                              want_grads)),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
