@@ -11,12 +11,15 @@ seconds where `--run` recorded them. Exit 1 if a run of `--recipe` misses the ta
 
 `--time-command N` times instead the bare training commands (no workdir, so no checkpoints) of
 `--recipe`, Flax and torch alternating, N rounds, and appends the whole-process seconds and final
-accuracy of each to RESULTS/command_time.txt.
+accuracy of each to RESULTS/command_time.txt. With `--cold`, each round's Flax command runs twice
+on a new, empty compilation cache (`MNIST20K_JAX_CACHE`): cold, compiling everything, then warm;
+torch, which has no such cache, once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -83,27 +86,35 @@ def run_training(results: Path, seeds: list[int], epochs: int | None,
                 wall.write(line + "\n")
 
 
-def time_commands(results: Path, recipe: str, rounds: int) -> list[str]:
+def time_commands(results: Path, recipe: str, rounds: int, cold: bool = False) -> list[str]:
     """Run `python -m <trainer> --recipe <recipe>` of each framework, alternating, `rounds`
-    times; append each one's whole-process seconds and final accuracy line to
+    times (with `cold`: Flax cold then warm on a new compilation cache, see the module
+    docstring); append each one's whole-process seconds and final accuracy line to
     results/command_time.txt; those lines."""
     results.mkdir(parents=True, exist_ok=True)
+    setting = ", Flax cold then warm on a new compilation cache" if cold else ""
     with open(results / COMMAND_TIME, "a") as out:
-        out.write(machine_line(f"python -m {{flax_impl,torch_ref}}.train --recipe {recipe}"))
+        out.write(machine_line(f"python -m {{flax_impl,torch_ref}}.train --recipe {recipe}"
+                               f"{setting}"))
     lines = []
     for round_ in range(1, rounds + 1):
-        for framework, module in FRAMEWORKS.items():
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", module, "--recipe", recipe],
-                                  capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            final = [line for line in done.stdout.splitlines() if line.startswith("Done:")]
-            outcome = final[-1] if done.returncode == 0 and final else \
-                f"FAILED (exit {done.returncode})"
-            lines.append(f"{framework} round{round_} {seconds:.1f} s  {outcome}")
-            print(lines[-1], flush=True)
-            with open(results / COMMAND_TIME, "a") as out:
-                out.write(lines[-1] + "\n")
+        with tempfile.TemporaryDirectory() as cache:
+            runs = [("flax_cold", FRAMEWORKS["flax"]), ("flax_warm", FRAMEWORKS["flax"]),
+                    ("torch", FRAMEWORKS["torch"])] if cold else list(FRAMEWORKS.items())
+            for name, module in runs:
+                env = {**os.environ, "MNIST20K_JAX_CACHE": cache} if cold and \
+                    name.startswith("flax") else None
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-m", module, "--recipe", recipe],
+                                      capture_output=True, text=True, env=env)
+                seconds = time.perf_counter() - start
+                final = [line for line in done.stdout.splitlines() if line.startswith("Done:")]
+                outcome = final[-1] if done.returncode == 0 and final else \
+                    f"FAILED (exit {done.returncode})"
+                lines.append(f"{name} round{round_} {seconds:.1f} s  {outcome}")
+                print(lines[-1], flush=True)
+                with open(results / COMMAND_TIME, "a") as out:
+                    out.write(lines[-1] + "\n")
     return lines
 
 
@@ -239,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                              "epochs per seed and framework)")
     parser.add_argument("--time-command", type=int, metavar="ROUNDS", default=None,
                         help="time the bare training commands of --recipe instead, ROUNDS rounds")
+    parser.add_argument("--cold", action="store_true",
+                        help="with --time-command: each round's Flax command cold (a new, empty "
+                             "compilation cache), then warm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--png", type=Path, default=None,
@@ -248,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_command is not None:
         if args.time_command <= 0:
             parser.error(f"--time-command must be > 0, got {args.time_command}")
-        lines = time_commands(results, args.recipe, args.time_command)
+        lines = time_commands(results, args.recipe, args.time_command, args.cold)
         return 0 if all("FAILED" not in line for line in lines) else 1
     if args.run:
         run_training(results, args.seeds, args.epochs, args.recipe)

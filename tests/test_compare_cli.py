@@ -301,6 +301,29 @@ def test_accuracy_time_command_records_each_bare_command(tmp_path, monkeypatch):
     assert all("final test accuracy 99.50%" in line for line in lines[1:])
 
 
+def test_accuracy_time_command_cold_runs_flax_on_a_new_cache_then_again(tmp_path, monkeypatch):
+    (tmp_path / "fake_trainer.py").write_text(
+        "import os, pathlib\n"
+        "cache = pathlib.Path(os.environ.get('MNIST20K_JAX_CACHE', 'none'))\n"
+        "state = 'warm' if (cache / 'entry').exists() else 'cold'\n"
+        "if cache.is_dir():\n    (cache / 'entry').write_text('compiled')\n"
+        "print(f'Done: 3 epochs in 0.1 min; final test accuracy 99.50% {state} {cache.name}')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("MNIST20K_JAX_CACHE", "off")
+    monkeypatch.setattr(accuracy, "FRAMEWORKS", {"flax": "fake_trainer", "torch": "fake_trainer"})
+    assert accuracy.main(["--recipe", "fast", "--results", str(tmp_path / "r"),
+                          "--time-command", "2", "--cold"]) == 0
+    lines = (tmp_path / "r" / "command_time.txt").read_text().splitlines()
+    assert "cold then warm" in lines[0] and len(lines) == 7
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == ["flax_cold", "flax_warm", "torch"] * 2
+    states = [line.split()[-2] for line in lines[1:]]
+    assert states[:2] == states[3:5] == ["cold", "warm"]
+    caches = [line.split()[-1] for line in lines[1:]]
+    assert caches[0] == caches[1] != caches[3]  # a new cache each round
+    assert caches[2] == caches[5] == "off"  # torch runs with the environment as it is
+
+
 def test_processes_starts_two_jax_processes_against_one_and_torchrun(tmp_path):
     runs = processes.commands(tmp_path, 23456, ["--data-source", "idx:D"])
     assert [len(argvs) for argvs in runs.values()] == [2, 1, 1, 1]
