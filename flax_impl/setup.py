@@ -30,7 +30,6 @@ from flax_impl.common.config import API_CHOICES, Config
 from flax_impl.common.data import Mnist
 from flax_impl.common.errors import ConfigError
 from flax_impl.core import (
-    INIT_COMPILER_OPTIONS,
     TrainState,
     create_optimizer,
     create_train_state,
@@ -124,10 +123,7 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
         train_data=jax.device_put((data.train_images[:count], data.train_labels[:count]),
                                   replicated),
         eval_data=jax.device_put(config.evaluation_set(data), replicated),
-        # Integer arithmetic only (a permutation, key splits): level 1 compiles it faster and
-        # computes the same integers.
-        epoch_plan=jax.jit(epoch_plan, static_argnums=(2, 3, 4), out_shardings=(rows, replicated),
-                           compiler_options=INIT_COMPILER_OPTIONS),
+        epoch_plan=jax.jit(epoch_plan, static_argnums=(2, 3, 4), out_shardings=(rows, replicated)),
         replicated=replicated)
 
 

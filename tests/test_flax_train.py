@@ -39,16 +39,6 @@ def test_the_initial_state_is_compiled_lightly_and_holds_the_same_bits(monkeypat
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_the_epoch_plan_compiled_lightly_holds_the_integers_of_the_default_compile():
-    run = setup.setup_training(Config(batch_size=64, eval_batch_size=64),
-                               synthetic_mnist(640, 64))
-    indices, keys = run.plan(3)
-    default = jax.jit(core.epoch_plan, static_argnums=(2, 3, 4))(run.key, 3, 640,
-                                                                 run.steps_per_epoch, 64)
-    np.testing.assert_array_equal(np.asarray(indices), np.asarray(default[0]))
-    np.testing.assert_array_equal(jax.random.key_data(keys), jax.random.key_data(default[1]))
-    assert sorted(np.asarray(indices).ravel()) == list(range(640))  # a permutation
-
 
 def test_jitted_train_step_lowers_the_loss_on_a_fixed_batch():
     config = Config(max_rotation=0.0, dropout=0.0, epochs=1, train_examples=15 * 64,
