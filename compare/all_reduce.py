@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from compare.machine import machine_line
+from compare.processes import run_together
 
 ROWS, WIDTH = 512, 256  # each process's rows, and the width of the matrix products
 
@@ -115,13 +115,12 @@ def report(framework: str, found: dict, count: int, floats: int) -> list[str]:
             for setting, (each, rest) in per_all_reduce(found, count).items()]
 
 
-def _run_workers(argvs: list[list[str]]) -> list[str]:
-    processes = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for argv in argvs]
-    outputs = [process.communicate()[0] for process in processes]
-    failed = [argv for argv, process in zip(argvs, processes, strict=True) if process.returncode]
-    if failed:
-        raise RuntimeError(f"a worker failed: {' '.join(failed[0])}")
-    return outputs
+def _worker_output(argvs: list[list[str]]) -> dict:
+    """Start the workers `argvs` together; the measurements the last of them printed."""
+    code, output = run_together(argvs)
+    if code:
+        raise RuntimeError(f"a worker failed (exit {code}): {' '.join(argvs[-1])}")
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
              "--calls", shape[3]]
     port = random.randint(20000, 40000)
     me = [sys.executable, "-m", "compare.all_reduce", *flags]
-    jax_out = _run_workers([[*me, "--worker", "jax", "--rank", str(rank), "--port", str(port)]
-                            for rank in (1, 0)])
-    torch_out = _run_workers([[sys.executable, "-m", "torch.distributed.run",
-                               "--nproc-per-node", "2", "--master-port", str(port + 1),
-                               "-m", "compare.all_reduce", *flags, "--worker", "torch"]])
-    found = {"jax": json.loads(jax_out[-1].strip().splitlines()[-1]),
-             "torch": json.loads(torch_out[0].strip().splitlines()[-1])}
+    found = {
+        "jax": _worker_output([[*me, "--worker", "jax", "--rank", str(rank), "--port", str(port)]
+                               for rank in (1, 0)]),  # rank 0, last, prints
+        "torch": _worker_output([[sys.executable, "-m", "torch.distributed.run",
+                                  "--nproc-per-node", "2", "--master-port", str(port + 1),
+                                  "-m", "compare.all_reduce", *flags, "--worker", "torch"]]),
+    }
     lines = [machine_line("all-reduce between 2 processes").rstrip()]
     for framework, measured in found.items():
         lines += report(framework, measured, args.count, args.floats)
