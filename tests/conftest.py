@@ -19,6 +19,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"mnist20k-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The test workers (`-n 2`) and the processes they start share the cores: torch's OpenMP threads,
+# one per core in each process, would wait for cores the others hold (torchrun sets the same).
+# Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_impl.core import jit_init
 from flax_impl.extras import fast
 from flax_impl.model import batch_normalize, create_model
 
@@ -31,10 +32,10 @@ def weighted(normalize, weights):
                                            ((16, 12), -1.0)])
 def test_values_and_gradients_equal_the_stock_batch_norm(shape, offset):
     x, scale, bias, weights = inputs(shape, offset)
-    for got, want in zip(fast.batch_normalize(x, scale, bias, 1e-5),
-                         batch_normalize(x, scale, bias, 1e-5), strict=True):
+    for got, want in zip(jax.jit(fast.batch_normalize)(x, scale, bias, 1e-5),
+                         jax.jit(batch_normalize)(x, scale, bias, 1e-5), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    grads = [jax.grad(weighted(f, weights), (0, 1, 2))(x, scale, bias)
+    grads = [jax.jit(jax.grad(weighted(f, weights), (0, 1, 2)))(x, scale, bias)
              for f in (fast.batch_normalize, batch_normalize)]
     for got, want in zip(*grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -66,14 +67,14 @@ def test_a_network_trained_with_it_matches_the_stock_network():
         stock, lean = create_model("tinynet", 0.0), create_model(
             "tinynet", 0.0, normalize=fast.batch_normalize)
         variables = jax.tree.map(lambda v: v.astype(jnp.float64),
-                                 stock.init(jax.random.key(2), x))
+                                 jit_init(stock.init)(jax.random.key(2), x))
 
         def loss(model):
             def f(params):
                 out, stats = model.apply({**variables, "params": params}, x, train=True,
                                          mutable=["batch_stats"])
                 return jnp.sum(out * jnp.arange(10.0)), stats
-            return jax.value_and_grad(f, has_aux=True)(variables["params"])
+            return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
 
         (got, got_stats), got_grads = loss(lean)
         (want, want_stats), want_grads = loss(stock)

@@ -35,8 +35,8 @@ def test_value_and_gradients_equal_lax(size, cin, cout, padding, im2col_channels
     x = jax.random.normal(jax.random.key(0), (3, size, size, cin))
     w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
     reference, fast = loss_pair(padding, im2col_channels=im2col_channels)
-    np.testing.assert_allclose(fast(x, w), reference(x, w), rtol=1e-5)
-    for got, want in zip(jax.grad(fast, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w),
+    np.testing.assert_allclose(jax.jit(fast)(x, w), jax.jit(reference)(x, w), rtol=1e-5)
+    for got, want in zip(*(jax.jit(jax.grad(f, (0, 1)))(x, w) for f in (fast, reference)),
                          strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -57,6 +57,7 @@ def test_unsupported_convolutions_fall_back_to_lax():
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
     reference, fast = loss_pair("VALID", strides=(2, 2))
+    # Un-jitted: the fallback also runs operation by operation.
     np.testing.assert_allclose(jax.grad(fast, 1)(x, w), jax.grad(reference, 1)(x, w), rtol=1e-5)
 
 
@@ -65,6 +66,6 @@ def test_a_kernel_gradient_summed_per_group_of_examples_is_the_same(batch_groups
     x = jax.random.normal(jax.random.key(0), (4, 10, 10, 6))
     w = jax.random.normal(jax.random.key(1), (3, 3, 6, 5))
     reference, fast = loss_pair("VALID", batch_groups=batch_groups)
-    for got, want in zip(jax.grad(fast, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w),
+    for got, want in zip(*(jax.jit(jax.grad(f, (0, 1)))(x, w) for f in (fast, reference)),
                          strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

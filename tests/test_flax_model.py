@@ -39,8 +39,10 @@ def test_net_and_widenet_have_fewer_than_20k_parameters_tinynet_7k_and_seednet_f
 
 def test_batchnorm_keeps_torchs_unbiased_running_variance():
     x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 3 + 1
-    variables = BatchNorm().init(jax.random.key(1), x, train=True)
-    _, updates = BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = jit_init(lambda key, x: BatchNorm().init(key, x, train=True))(
+        jax.random.key(1), x)
+    _, updates = jax.jit(BatchNorm().apply, static_argnames=("train", "mutable"))(
+        variables, x, train=True, mutable=("batch_stats",))
     flat = np.asarray(x).reshape(-1, 2)
     np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
     np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1),
@@ -49,10 +51,12 @@ def test_batchnorm_keeps_torchs_unbiased_running_variance():
 
 def test_train_mode_normalises_with_the_batch_and_eval_with_running_stats():
     x = jax.random.normal(jax.random.key(0), (8, 2, 2, 3)) * 5 + 2
-    variables = BatchNorm().init(jax.random.key(1), x, train=False)
-    trained = BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    variables = jit_init(lambda key, x: BatchNorm().init(key, x, train=False))(
+        jax.random.key(1), x)
+    apply = jax.jit(BatchNorm().apply, static_argnames=("train", "mutable"))
+    trained = apply(variables, x, train=True, mutable=("batch_stats",))[0]
     np.testing.assert_allclose(trained.mean((0, 1, 2)), 0.0, atol=1e-5)
-    np.testing.assert_allclose(BatchNorm().apply(variables, x, train=False), x / np.sqrt(1 + 1e-5),
+    np.testing.assert_allclose(apply(variables, x, train=False), x / np.sqrt(1 + 1e-5),
                                rtol=1e-5)
 
 

@@ -61,7 +61,7 @@ def model_loss_and_grads(name: str, kernels: str, dtype) -> tuple:
     x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1)).astype(dtype)
     model = build(name, 0.0, kernels)
     variables = jax.tree.map(lambda v: v.astype(dtype),
-                             create_model(name, 0.0).init(jax.random.key(1), x))
+                             core.jit_init(create_model(name, 0.0).init)(jax.random.key(1), x))
 
     def loss(params):
         out, _ = model.apply({**variables, "params": params}, x, train=True,
