@@ -68,7 +68,8 @@ def test_schedule_warms_up_to_the_peak_then_decays_to_the_floor():
 def test_short_run_writes_its_workdir_and_prints_the_seed_lines(tiny_idx_source, tmp_path,
                                                                  capsys):
     workdir = tmp_path / "run"
-    history = flax_train.train(short_config(tiny_idx_source), workdir)
+    # 384 images: the steps of the validation test's run below, so one compiled program.
+    history = flax_train.train(short_config(tiny_idx_source, train_examples=384), workdir)
     out = capsys.readouterr()
     assert out.out.count("Test set: Average loss: ") == 2
     assert "Accuracy: " in out.out and "/200 (" in out.out
@@ -155,11 +156,11 @@ def test_validation_holds_out_the_last_images_and_scores_on_them(tiny_idx_source
     from torch_ref import train as torch_train
 
     train = flax_train.train if framework == "flax" else torch_train.train
-    history = train(short_config(tiny_idx_source, epochs=1, validation=128), tmp_path)
+    history = train(short_config(tiny_idx_source, validation=128), tmp_path)
     out = capsys.readouterr()
     assert "Validation set: Average loss: " in out.out and "/128 (" in out.out
     assert "Test set" not in out.out and "final validation accuracy" in out.out
-    assert "Epoch 1/1" in out.err and "/6 [" in out.err  # (512 - 128) // 64 steps
+    assert "Epoch 2/2" in out.err and "/6 [" in out.err  # (512 - 128) // 64 steps
     assert set(history[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "seconds"}
     assert read_metrics(tmp_path / "metrics.jsonl") == history
 
