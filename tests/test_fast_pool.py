@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from flax_impl.extras.fast.pool import max_pool
 
 
-@jax.jit(static_argnums=0)  # one program, not one per operation
+@functools.partial(jax.jit, static_argnums=0)  # one program, not one per operation
 def value_and_grad(pool, x, cotangent):
     pooled, vjp = jax.vjp(pool, x)
     return pooled, vjp(cotangent)[0]
