@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_impl import nnx_model
 from flax_impl.common.config import API_CHOICES, Config
 from flax_impl.common.data import Mnist
 from flax_impl.common.errors import ConfigError
@@ -42,7 +42,9 @@ from flax_impl.core import (
 from flax_impl.extras import distributed
 from flax_impl.extras.kernels import KERNELS, Kernels, get_kernels, resolve
 from flax_impl.model import create_model
-from flax_impl.nnx_model import SplitModel
+
+if TYPE_CHECKING:  # the NNX port loads only for `--api nnx` (flax.nnx is slow to import)
+    from flax_impl.nnx_model import SplitModel
 
 # Train steps per jitted call, a `lax.scan` (an epoch of 468 batches is 12 calls): fewer
 # dispatches than single steps, on the CPU and the GPU (docs/performance.md).
@@ -132,7 +134,9 @@ def build_model(config: Config, kernels: str | Kernels = "auto") -> nn.Module | 
     `init`/`apply`) with the convolution, pooling and batch normalisation of `kernels`."""
     chosen = get_kernels(kernels)
     if config.api == "nnx":
-        return SplitModel.of(functools.partial(
+        from flax_impl import nnx_model
+
+        return nnx_model.SplitModel.of(functools.partial(
             nnx_model.create_model, config.model, config.dropout, config.widths,
             conv_general_dilated=chosen.conv_general_dilated, max_pool=chosen.max_pool,
             normalize=chosen.batch_normalize))
