@@ -25,6 +25,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def normal(seed: int, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Standard-normal test inputs drawn by NumPy (`jax.random.normal` would compile a program
+    for each shape)."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file (unsigned bytes) holding `array`."""
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

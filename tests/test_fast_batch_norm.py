@@ -11,13 +11,12 @@ import pytest
 from flax_impl.core import jit_init
 from flax_impl.extras import fast
 from flax_impl.model import batch_normalize, create_model
+from tests.conftest import normal
 
 
 def inputs(shape=(6, 5, 5, 4), offset=3.0):
-    keys = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(keys[0], shape) * 2 + offset  # a mean far from 0: one-pass variance
-    scale, bias = jax.random.normal(keys[1], shape[-1:]), jax.random.normal(keys[2], shape[-1:])
-    return x, scale, bias, jax.random.normal(keys[3], shape)
+    x = normal(0, shape) * 2 + np.float32(offset)  # a mean far from 0: one-pass variance
+    return x, normal(1, shape[-1:]), normal(2, shape[-1:]), normal(3, shape)
 
 
 def weighted(normalize, weights):
@@ -63,7 +62,7 @@ def test_a_network_trained_with_it_matches_the_stock_network():
     # float64: through six BatchNorm layers of a batch of 8, float32 rounding alone moves some
     # gradients by percents, and that differently from one XLA to the next.
     with jax.enable_x64(True):
-        x = jax.random.normal(jax.random.key(1), (8, 28, 28, 1), jnp.float64)
+        x = normal(1, (8, 28, 28, 1), np.float64)
         stock, lean = create_model("tinynet", 0.0), create_model(
             "tinynet", 0.0, normalize=fast.batch_normalize)
         variables = jax.tree.map(lambda v: v.astype(jnp.float64),

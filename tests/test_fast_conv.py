@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 from flax_impl.extras.fast.conv import conv_general_dilated
+from tests.conftest import normal
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -32,8 +33,7 @@ def loss_pair(padding, strides=(1, 1), **options):
 ])
 @pytest.mark.parametrize("im2col_channels", [3, 0])  # with and without the first-layer path
 def test_value_and_gradients_equal_lax(size, cin, cout, padding, im2col_channels):
-    x = jax.random.normal(jax.random.key(0), (3, size, size, cin))
-    w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+    x, w = normal(0, (3, size, size, cin)), normal(1, (3, 3, cin, cout))
     reference, fast = loss_pair(padding, im2col_channels=im2col_channels)
     (value, grads), (want_value, want_grads) = (
         jax.jit(jax.value_and_grad(f, (0, 1)))(x, w) for f in (fast, reference))
@@ -43,8 +43,7 @@ def test_value_and_gradients_equal_lax(size, cin, cout, padding, im2col_channels
 
 
 def test_jitted_and_inside_scan_it_still_matches():
-    x = jax.random.normal(jax.random.key(0), (4, 3, 10, 10, 6))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 6, 5))
+    x, w = normal(0, (4, 3, 10, 10, 6)), normal(1, (3, 3, 6, 5))
     reference, fast = loss_pair("VALID")
 
     def summed(loss):
@@ -55,8 +54,7 @@ def test_jitted_and_inside_scan_it_still_matches():
 
 
 def test_unsupported_convolutions_fall_back_to_lax():
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    x, w = normal(0, (2, 9, 9, 3)), normal(1, (3, 3, 3, 4))
     reference, fast = loss_pair("VALID", strides=(2, 2))
     # Un-jitted: the fallback also runs operation by operation.
     np.testing.assert_allclose(jax.grad(fast, 1)(x, w), jax.grad(reference, 1)(x, w), rtol=1e-5)
@@ -64,8 +62,7 @@ def test_unsupported_convolutions_fall_back_to_lax():
 
 @pytest.mark.parametrize("batch_groups", [2, 4, 3])  # 3 does not divide the batch: one group
 def test_a_kernel_gradient_summed_per_group_of_examples_is_the_same(batch_groups):
-    x = jax.random.normal(jax.random.key(0), (4, 10, 10, 6))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 6, 5))
+    x, w = normal(0, (4, 10, 10, 6)), normal(1, (3, 3, 6, 5))
     reference, fast = loss_pair("VALID", batch_groups=batch_groups)
     for got, want in zip(*(jax.jit(jax.grad(f, (0, 1)))(x, w) for f in (fast, reference)),
                          strict=True):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flax_impl.extras.fast.pool import max_pool
+from tests.conftest import normal
 
 
 @functools.partial(jax.jit, static_argnums=0)  # one program, not one per operation
@@ -23,8 +24,9 @@ def value_and_grad(pool, x, cotangent):
 
 def tied_input(shape, seed=0):
     """Small integers and a constant block: many windows hold their max more than once."""
-    x = jax.random.randint(jax.random.key(seed), shape, 0, 3).astype(jnp.float32)
-    return x.at[:, :4, :4, :].set(1.0)
+    x = np.random.default_rng(seed).integers(0, 3, shape).astype(np.float32)
+    x[:, :4, :4, :] = 1.0
+    return x
 
 
 @pytest.mark.parametrize("shape, window", [
@@ -33,7 +35,7 @@ def tied_input(shape, seed=0):
 def test_value_and_gradient_equal_nn_max_pool_with_ties(shape, window):
     x = tied_input(shape)
     out_shape = (shape[0], shape[1] // window[0], shape[2] // window[1], shape[3])
-    cotangent = jax.random.normal(jax.random.key(1), out_shape)
+    cotangent = normal(1, out_shape)
     fast = value_and_grad(lambda x: max_pool(x, window, strides=window), x, cotangent)
     stock = value_and_grad(lambda x: nn.max_pool(x, window, strides=window), x, cotangent)
     for got, want in zip(fast, stock, strict=True):
@@ -44,7 +46,7 @@ def test_value_and_gradient_equal_nn_max_pool_with_ties(shape, window):
 
 def test_gradient_goes_where_torch_sends_it():
     x = tied_input((2, 6, 6, 4), seed=2)
-    cotangent = jax.random.normal(jax.random.key(3), (2, 3, 3, 4))
+    cotangent = normal(3, (2, 3, 3, 4))
     _, grad = value_and_grad(lambda x: max_pool(x, (2, 2), strides=(2, 2)), x, cotangent)
     x_torch = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_()
     F.max_pool2d(x_torch, 2).backward(torch.tensor(np.asarray(cotangent)).permute(0, 3, 1, 2))
@@ -52,7 +54,7 @@ def test_gradient_goes_where_torch_sends_it():
 
 
 def test_jitted_inside_scan_it_still_matches():
-    xs = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 4))
+    xs = normal(0, (3, 2, 8, 8, 4))
 
     def summed(pool):
         def loss(x):
@@ -71,7 +73,7 @@ def test_jitted_inside_scan_it_still_matches():
     ((2, 8, 8, 3), (2, 2), None, "VALID"),  # stride 1
 ])
 def test_other_poolings_fall_back_to_nn_max_pool(shape, window, strides, padding):
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = normal(0, shape)
 
     def loss(pool):
         return lambda x: jnp.sum(jnp.sin(pool(x, window, strides, padding)))

@@ -9,6 +9,7 @@ import pytest
 
 from flax_impl.core import jit_init
 from flax_impl.model import BatchNorm, Net, SeedNet, create_model
+from tests.conftest import normal
 
 
 def count(params) -> int:
@@ -17,7 +18,7 @@ def count(params) -> int:
 
 @pytest.mark.parametrize("model", [Net(), SeedNet()])
 def test_output_is_log_probabilities_of_shape_b_by_10(model):
-    x = jax.random.normal(jax.random.key(0), (5, 28, 28, 1))
+    x = normal(0, (5, 28, 28, 1))
     variables = jit_init(model.init)(jax.random.key(1), x)
     log_probs = jax.jit(model.apply)(variables, x)
     assert log_probs.shape == (5, 10)
@@ -38,7 +39,7 @@ def test_net_and_widenet_have_fewer_than_20k_parameters_tinynet_7k_and_seednet_f
 
 
 def test_batchnorm_keeps_torchs_unbiased_running_variance():
-    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 3 + 1
+    x = normal(0, (4, 3, 3, 2)) * 3 + 1
     variables = jit_init(lambda key, x: BatchNorm().init(key, x, train=True))(
         jax.random.key(1), x)
     _, updates = jax.jit(BatchNorm().apply, static_argnames=("train", "mutable"))(
@@ -50,7 +51,7 @@ def test_batchnorm_keeps_torchs_unbiased_running_variance():
 
 
 def test_train_mode_normalises_with_the_batch_and_eval_with_running_stats():
-    x = jax.random.normal(jax.random.key(0), (8, 2, 2, 3)) * 5 + 2
+    x = normal(0, (8, 2, 2, 3)) * 5 + 2
     variables = jit_init(lambda key, x: BatchNorm().init(key, x, train=False))(
         jax.random.key(1), x)
     apply = jax.jit(BatchNorm().apply, static_argnames=("train", "mutable"))
@@ -62,7 +63,7 @@ def test_train_mode_normalises_with_the_batch_and_eval_with_running_stats():
 
 def test_dropout_drops_whole_channels_only_in_training():
     model = Net(dropout=0.5)
-    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    x = normal(0, (4, 28, 28, 1))
     variables = jit_init(model.init)(jax.random.key(1), x)
     evaluate = jax.jit(model.apply)
     np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))

@@ -17,7 +17,7 @@ from flax_impl.common.models import MODELS
 from flax_impl.extras import fast
 from flax_impl.extras.kernels import FAST, STOCK, get_kernels, resolve
 from flax_impl.model import batch_normalize, create_model
-from tests.conftest import synthetic_mnist
+from tests.conftest import normal, synthetic_mnist
 from torch_ref.model import create_model as create_torch_model
 
 
@@ -58,7 +58,7 @@ def test_a_batch_split_over_devices_gets_kernels_that_reduce_it_once_a_layer_eac
 
 
 def model_loss_and_grads(name: str, kernels: str, dtype) -> tuple:
-    x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1)).astype(dtype)
+    x = normal(0, (8, 28, 28, 1), dtype)
     model = build(name, 0.0, kernels)
     variables = jax.tree.map(lambda v: v.astype(dtype),
                              core.jit_init(create_model(name, 0.0).init)(jax.random.key(1), x))

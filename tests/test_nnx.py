@@ -22,7 +22,7 @@ from flax_impl.common.workdir import read_metrics
 from flax_impl.core import jit_init
 from flax_impl.model import create_model as create_linen_model
 from flax_impl.train import restore_variables
-from tests.conftest import crash_in_epoch, synthetic_mnist
+from tests.conftest import crash_in_epoch, normal, synthetic_mnist
 from torch_ref.model import create_model as create_torch_model
 
 X = jnp.zeros((1, 28, 28, 1), jnp.float32)
@@ -36,7 +36,7 @@ def assert_trees_equal(got, want):
 
 @pytest.mark.parametrize("name", ["net", "tinynet", "widenet", "seednet"])
 def test_one_key_gives_linens_variables_names_shapes_and_values(name):
-    key, images = jax.random.key(5), jax.random.normal(jax.random.key(6), (4, 28, 28, 1))
+    key, images = jax.random.key(5), normal(6, (4, 28, 28, 1))
     linen = create_linen_model(name)
     linen_variables = jit_init(linen.init)(key, X)
 
