@@ -85,6 +85,19 @@ def create_train_state(key: jax.Array, model: nn.Module, tx: optax.GradientTrans
                        ema: bool = False) -> TrainState:
     """Initial parameters (torch's default initialisation), BatchNorm statistics, optimizer state
     and, with `ema`, the moving average of the parameters (their copy until the first step)."""
+    # One compiled program instead of one per operation of the initialisation: the same values.
+    return jit_init(initial_state(model, tx, ema))(key)
+
+
+def train_state_shapes(model: nn.Module, tx: optax.GradientTransformation,
+                       ema: bool = False) -> TrainState:
+    """The shapes and dtypes of `create_train_state`'s state (jax.ShapeDtypeStruct leaves),
+    traced without compiling: a target to restore a checkpoint into."""
+    return jax.eval_shape(initial_state(model, tx, ema), jax.random.key(0))
+
+
+def initial_state(model: nn.Module, tx: optax.GradientTransformation, ema: bool) -> Callable:
+    """key -> the initial TrainState of `model` and `tx` (see `create_train_state`)."""
 
     def create(key):
         variables = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
@@ -95,8 +108,7 @@ def create_train_state(key: jax.Array, model: nn.Module, tx: optax.GradientTrans
                                   if ema else {})
         return state.replace(step=jnp.zeros((), jnp.int32))
 
-    # One compiled program instead of one per operation of the initialisation: the same values.
-    return jit_init(create)(key)
+    return create
 
 
 def jit_init(init: Callable) -> Callable:

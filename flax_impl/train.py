@@ -42,7 +42,13 @@ from flax_impl.common.workdir import (
     write_epoch_files,
 )
 from flax_impl.compile_cache import use_compilation_cache
-from flax_impl.core import TrainState, chunk_bounds, create_optimizer, create_train_state, eval_variables
+from flax_impl.core import (
+    TrainState,
+    chunk_bounds,
+    create_optimizer,
+    eval_variables,
+    train_state_shapes,
+)
 from flax_impl.setup import Setup, setup_training
 
 CHECKPOINT_DIR = "checkpoints"
@@ -118,8 +124,11 @@ def restore_variables(workdir: str | Path) -> dict:
     if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
         raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
     model = setup.build_model(config, "stock")  # only its variables' shapes are used
-    target = create_train_state(jax.random.key(0), model, create_optimizer(config, 1),
-                                ema=bool(config.ema_decay))
+    # The state's shapes alone (traced, not compiled), each restored onto the first device.
+    shapes = train_state_shapes(model, create_optimizer(config, 1), ema=bool(config.ema_decay))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                            sharding=device), shapes)
     with checkpoint_manager(Path(workdir), read_only=True) as manager:
         restored = restore_checkpoint(manager, target)
     if restored is None:
