@@ -15,7 +15,7 @@ from tests.conftest import normal
 
 
 def inputs(shape=(6, 5, 5, 4), offset=3.0):
-    x = normal(0, shape) * 2 + np.float32(offset)  # a mean far from 0: one-pass variance
+    x = normal(0, shape) * 2 + offset  # a mean far from 0: one-pass variance
     return x, normal(1, shape[-1:]), normal(2, shape[-1:]), normal(3, shape)
 
 

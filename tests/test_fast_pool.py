@@ -48,8 +48,8 @@ def test_gradient_goes_where_torch_sends_it():
     x = tied_input((2, 6, 6, 4), seed=2)
     cotangent = normal(3, (2, 3, 3, 4))
     _, grad = value_and_grad(lambda x: max_pool(x, (2, 2), strides=(2, 2)), x, cotangent)
-    x_torch = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).requires_grad_()
-    F.max_pool2d(x_torch, 2).backward(torch.tensor(np.asarray(cotangent)).permute(0, 3, 1, 2))
+    x_torch = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    F.max_pool2d(x_torch, 2).backward(torch.tensor(cotangent).permute(0, 3, 1, 2))
     np.testing.assert_array_equal(grad, x_torch.grad.permute(0, 2, 3, 1).numpy())
 
 
