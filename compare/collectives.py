@@ -91,7 +91,8 @@ def step_collectives(recipe: str, kernels: str) -> dict:
     run = setup_training(config, Mnist(images, labels, images[:16], labels[:16]),
                          kernels=kernels, steps_per_call=1)
     indices, keys = run.plan(1)
-    compiled = run.train_chunk.lower(run.state, *run.train_data, indices[:1], keys[:1]).compile()
+    compiled = run.train_chunk.lower(run.state, *run.train_data, indices[:1], keys[:1],
+                                     run.schedule).compile()
     params = sum(x.size for x in jax.tree.leaves(run.state.params))
     return {"recipe": recipe, "model": config.model,
             "widths": list(model_widths(config.model, config.widths)),

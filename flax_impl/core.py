@@ -4,7 +4,8 @@ Pure functions over pytrees, everything that runs per step inside `jax.jit`:
 
 - `TrainState`: Flax's `TrainState` plus BatchNorm's running statistics and, when the recipe
   asks for one, an exponential moving average of the parameters;
-- `onecycle_schedule` and `create_optimizer`: torch's SGD and OneCycleLR, step for step;
+- `onecycle_schedule` and `create_optimizer`: torch's SGD and OneCycleLR, step for step (the
+  schedule's numbers, `onecycle_constants`, passed into the jitted chunk as values);
 - `make_train_step`: `train_step(state, (images, labels), key) -> (state, metrics)` rotates,
   normalises, differentiates and updates;
 - `make_train_chunk`: a jitted `lax.scan` of the train step over a chunk of an epoch's batches,
@@ -20,6 +21,7 @@ Pure functions over pytrees, everything that runs per step inside `jax.jit`:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -35,7 +38,9 @@ from flax_impl.augment import random_rotate, rotate
 from flax_impl.common.config import Config
 from flax_impl.model import to_inputs
 
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+# For the programs that run once or once an epoch (the initialisation, the evaluation): XLA's
+# backend optimisation level 1 compiles in a fraction of level 2's time to the same bits.
+LIGHT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 class TrainState(train_state.TrainState):
@@ -46,6 +51,23 @@ class TrainState(train_state.TrainState):
     ema_params: Any = dataclasses.field(default_factory=dict)
 
 
+def onecycle_constants(config: Config, total_steps: int) -> dict[str, np.float32]:
+    """The numbers of `onecycle_schedule` for a run of `total_steps`, float32, computed on the
+    host: the values XLA folds the schedule's constants into, so that the train chunk can take
+    them as arguments (one compiled program for every run length and peak rate) and compute the
+    same bits."""
+    f32 = np.float32
+    initial = config.lr / config.div_factor
+    final = initial / config.final_div_factor
+    warmup_end = config.warmup_fraction * total_steps - 1
+    decay_steps = total_steps - 1 - warmup_end
+    half_pi = f32(np.pi / 2)
+    return {"peak": f32(config.lr), "warmup_span": f32(initial - config.lr),
+            "warmup_end": f32(warmup_end), "warmup_rate": f32(1) / f32(warmup_end) * half_pi,
+            "final": f32(final), "decay_span": f32(config.lr - final),
+            "last_step": f32(total_steps - 1), "decay_rate": f32(1) / f32(decay_steps) * half_pi}
+
+
 def onecycle_schedule(config: Config, total_steps: int) -> optax.Schedule:
     """torch's OneCycleLR(anneal_strategy="cos", cycle_momentum=False), step for step.
 
@@ -53,31 +75,38 @@ def onecycle_schedule(config: Config, total_steps: int) -> optax.Schedule:
     decay to lr/div_factor/final_div_factor at step total_steps - 1 (torch's phase boundaries,
     which differ by one step from `optax.cosine_onecycle_schedule`'s).
     """
-    initial = config.lr / config.div_factor
-    final = initial / config.final_div_factor
-    warmup_end = config.warmup_fraction * total_steps - 1
-    decay_steps = total_steps - 1 - warmup_end
+    return schedule_of(onecycle_constants(config, total_steps))
 
-    def anneal(start, stop, remaining):  # start when remaining = 1, stop when it is 0
-        # torch's stop + (start - stop) / 2 * (cos(pi f) + 1) with f = 1 - remaining, written as
-        # sin(pi remaining / 2)^2 so that float32 keeps its relative precision where the rate
+
+def schedule_of(constants: dict) -> optax.Schedule:
+    """The one-cycle schedule of `onecycle_constants` (host numbers or traced values)."""
+    c = constants
+
+    def anneal(stop, span, remaining_steps, rate):  # start = stop + span at remaining_steps = 1
+        # torch's stop + span / 2 * (cos(pi f) + 1), f the fraction done, written as
+        # sin(pi (1 - f) / 2)^2 so that float32 keeps its relative precision where the rate
         # is tiny (the last steps).
-        return stop + (start - stop) * jnp.square(jnp.sin(jnp.pi / 2 * remaining))
+        return stop + span * jnp.square(jnp.sin(remaining_steps * rate))
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warming = anneal(initial, config.lr, (warmup_end - step) / warmup_end)
-        decaying = anneal(config.lr, final, (total_steps - 1 - step) / decay_steps)
-        return jnp.where(step <= warmup_end, warming, decaying)
+        warming = anneal(c["peak"], c["warmup_span"], c["warmup_end"] - step, c["warmup_rate"])
+        decaying = anneal(c["final"], c["decay_span"], c["last_step"] - step, c["decay_rate"])
+        return jnp.where(step <= c["warmup_end"], warming, decaying)
 
     return schedule
 
 
 def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
     """torch's SGD(nesterov=True, weight_decay=wd): L2 decay added to the gradient, then SGD."""
+    return optimizer_of(config, onecycle_constants(config, total_steps))
+
+
+def optimizer_of(config: Config, schedule_constants: dict) -> optax.GradientTransformation:
+    """`create_optimizer` with the schedule of `schedule_constants` (`onecycle_constants`)."""
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(onecycle_schedule(config, total_steps), config.momentum, nesterov=True),
+        optax.sgd(schedule_of(schedule_constants), config.momentum, nesterov=True),
     )
 
 
@@ -113,9 +142,9 @@ def initial_state(model: nn.Module, tx: optax.GradientTransformation, ema: bool)
 
 def jit_init(init: Callable) -> Callable:
     """`init` jitted for a program that runs once (an initialisation): at XLA's backend
-    optimisation level 1 (`INIT_COMPILER_OPTIONS`), a fraction of level 2's compile time and the
+    optimisation level 1 (`LIGHT_COMPILER_OPTIONS`), a fraction of level 2's compile time and the
     same bits (level 0 would fuse no multiply-add and round differently)."""
-    return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)
+    return jax.jit(init, compiler_options=LIGHT_COMPILER_OPTIONS)
 
 
 def variables_of(state: TrainState) -> dict:
@@ -182,25 +211,37 @@ def make_train_step(config: Config, rotate_fn: Callable = rotate):
     return train_step
 
 
-def make_train_chunk(train_step, batch_sharding: NamedSharding):
-    """Jitted: run `train_step` over rows of `indices` (K, B) with `keys` (K,) in one `lax.scan`."""
+def make_train_chunk(train_step, batch_sharding: NamedSharding, optimizer: Callable):
+    """Jitted: run `train_step` over rows of `indices` (K, B) with `keys` (K,) in one `lax.scan`.
 
-    def train_chunk(state, images, labels, indices, keys):
+    `schedule` is the run's `onecycle_constants` as arguments and `optimizer(schedule)` the
+    state's optimizer built on them (`functools.partial(optimizer_of, config)`), so that runs of
+    other lengths and rates share the compiled program.
+    """
+
+    def train_chunk(state, images, labels, indices, keys, schedule):
         def body(state, step_input):
             index, key = step_input
             batch = jax.lax.with_sharding_constraint((images[index], labels[index]),
                                                      batch_sharding)
             return train_step(state, batch, key)
 
-        return jax.lax.scan(body, state, (indices, keys))
+        # The state's optimizer has the schedule's numbers as constants; the one the steps use
+        # reads them from `schedule` (the same bits, see `onecycle_constants`).
+        state_tx = state.tx
+        state, metrics = jax.lax.scan(body, state.replace(tx=optimizer(schedule)),
+                                      (indices, keys))
+        return state.replace(tx=state_tx), metrics
 
     return jax.jit(train_chunk, donate_argnums=0)
 
 
 def make_evaluate(model: nn.Module, batch_size: int, batch_sharding: NamedSharding):
-    """Jitted: (variables, uint8 images, labels) -> (summed NLL loss, number correct)."""
+    """Jitted: (variables, uint8 images, labels) -> (summed NLL loss, number correct).
 
-    @jax.jit
+    Compiled at `LIGHT_COMPILER_OPTIONS` (it runs once an epoch; the same bits, no slower)."""
+
+    @functools.partial(jax.jit, compiler_options=LIGHT_COMPILER_OPTIONS)
     def evaluate(variables, images, labels):
         count = images.shape[0]
         padded = math.ceil(count / batch_size) * batch_size

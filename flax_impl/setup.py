@@ -38,6 +38,8 @@ from flax_impl.core import (
     make_evaluate,
     make_train_chunk,
     make_train_step,
+    onecycle_constants,
+    optimizer_of,
 )
 from flax_impl.extras import distributed
 from flax_impl.extras.kernels import KERNELS, Kernels, get_kernels, resolve
@@ -70,6 +72,7 @@ class Setup:
     steps_per_call: int
     train_step: Callable  # pure; `train_chunk` scans it
     train_chunk: Callable
+    schedule: dict  # the learning rate schedule's numbers (`core.onecycle_constants`), replicated
     epoch_plan: Callable  # `core.epoch_plan`, jitted to lay the plan out over the mesh
     evaluate: Callable
     train_data: tuple[jax.Array, jax.Array]  # uint8 images and labels, replicated
@@ -85,7 +88,8 @@ class Setup:
     def run_chunk(self, state: TrainState, plan, first: int, stop: int):
         """Steps `first` to `stop` of an epoch's `plan` in one call: (state, {"loss": (K,)})."""
         indices, keys = plan
-        return self.train_chunk(state, *self.train_data, indices[first:stop], keys[first:stop])
+        return self.train_chunk(state, *self.train_data, indices[first:stop], keys[first:stop],
+                                self.schedule)
 
     def score(self, state: TrainState) -> tuple[float, int]:
         """Mean loss and number of correct predictions on `eval_data` (a host sync)."""
@@ -113,14 +117,17 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
     kernels = get_kernels(kernels, batch_groups=mesh.size)
     model = build_model(config, kernels)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    state = create_train_state(init_key, model, create_optimizer(config, config.epochs * steps),
+    total_steps = config.epochs * steps
+    state = create_train_state(init_key, model, create_optimizer(config, total_steps),
                                ema=bool(config.ema_decay))
     train_step = make_train_step(config, kernels.rotate)
     return Setup(
         config=config, model=model, kernels=kernels,
         state=jax.device_put(state, replicated), key=train_key, steps_per_epoch=steps,
         steps_per_call=steps_per_call or DEFAULT_STEPS_PER_CALL, train_step=train_step,
-        train_chunk=make_train_chunk(train_step, batch_sharding),
+        train_chunk=make_train_chunk(train_step, batch_sharding,
+                                     functools.partial(optimizer_of, config)),
+        schedule=jax.device_put(onecycle_constants(config, total_steps), replicated),
         evaluate=make_evaluate(model, config.eval_batch_size, batch_sharding),
         train_data=jax.device_put((data.train_images[:count], data.train_labels[:count]),
                                   replicated),

@@ -201,7 +201,8 @@ def test_each_ablation_variant_compiles_to_another_step():
     def lowered_step(kernels) -> str:
         run = setup.setup_training(Config(), data, kernels=kernels)
         plan = run.plan(1)
-        return run.train_chunk.lower(run.state, *run.train_data, plan[0][:2], plan[1][:2]).as_text()
+        return run.train_chunk.lower(run.state, *run.train_data, plan[0][:2], plan[1][:2],
+                                     run.schedule).as_text()
 
     default = lowered_step(FAST)
     assert lowered_step(FAST) == default

@@ -32,12 +32,28 @@ def test_the_initial_state_is_compiled_lightly_and_holds_the_same_bits(monkeypat
     config = Config(ema_decay=0.9)
     model, tx = setup.build_model(config), core.create_optimizer(config, 100)
     light = core.create_train_state(jax.random.key(7), model, tx, ema=True)
-    assert core.INIT_COMPILER_OPTIONS == {"xla_backend_optimization_level": 1}
-    monkeypatch.setattr(core, "INIT_COMPILER_OPTIONS", {})  # XLA's default optimisation level
+    assert core.LIGHT_COMPILER_OPTIONS == {"xla_backend_optimization_level": 1}
+    monkeypatch.setattr(core, "LIGHT_COMPILER_OPTIONS", {})  # XLA's default optimisation level
     default = core.create_train_state(jax.random.key(7), model, tx, ema=True)
     for a, b in zip(jax.tree.leaves(light), jax.tree.leaves(default), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+
+@pytest.mark.slow
+def test_the_evaluation_is_compiled_lightly_and_scores_the_same_bits(monkeypatch):
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    run = setup.setup_training(Config(epochs=1, batch_size=64, eval_batch_size=100),
+                               synthetic_mnist(64, 300))
+    state, _ = run.run_chunk(run.state, run.plan(1), 0, 1)  # BatchNorm statistics updated once
+    variables = core.eval_variables(state)
+    light = run.evaluate(variables, *run.eval_data)
+    monkeypatch.setattr(core, "LIGHT_COMPILER_OPTIONS", {})  # XLA's default optimisation level
+    rows = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), P("data"))
+    default = core.make_evaluate(run.model, 100, rows)(variables, *run.eval_data)
+    for a, b in zip(light, default, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_jitted_train_step_lowers_the_loss_on_a_fixed_batch():
@@ -63,6 +79,45 @@ def test_schedule_warms_up_to_the_peak_then_decays_to_the_floor():
     assert lrs[0] == pytest.approx(0.1 / 25)
     assert lrs.argmax() == 29 and lrs.max() == pytest.approx(0.1)
     assert lrs[-1] == pytest.approx(0.1 / 25 / 1e4, rel=1e-3)
+
+
+def test_the_schedule_computed_from_run_time_values_has_the_bits_of_its_constants():
+    from flax_impl.common.config import recipe_config
+
+    @jax.jit
+    def from_values(constants, steps):
+        return jax.vmap(core.schedule_of(constants))(steps)
+
+    for recipe, lr in (("default", None), ("fast", None), ("tinynet", 1e6)):
+        config = recipe_config(recipe) if lr is None else recipe_config(recipe, lr=lr)
+        for total in (3, 16, 1407, 9380):
+            steps = jnp.arange(total)
+            constant = jax.jit(jax.vmap(core.onecycle_schedule(config, total)))(steps)
+            values = jax.device_put(core.onecycle_constants(config, total))
+            np.testing.assert_array_equal(from_values(values, steps), constant)
+
+
+def test_runs_of_other_lengths_and_rates_share_one_train_chunk_that_steps_as_their_optimizer():
+    data = synthetic_mnist(256, 10)
+    runs = [setup.setup_training(Config(model="tinynet", epochs=epochs, lr=lr, batch_size=64),
+                                 data) for epochs, lr in ((1, 0.05), (7, 0.3))]
+
+    def lowered(run):
+        indices, keys = run.plan(1)
+        return run.train_chunk.lower(run.state, *run.train_data, indices, keys,
+                                     run.schedule).as_text()
+
+    assert lowered(runs[0]) == lowered(runs[1])
+    for run in runs:  # the chunk's steps against single steps with the state's own optimizer
+        plan = run.plan(2)
+        stepped, step = run.state, jax.jit(run.train_step)
+        for index, key in zip(*plan, strict=True):
+            batch = (run.train_data[0][index], run.train_data[1][index])
+            stepped, _ = step(stepped, batch, key)
+        chunked, _ = run.run_chunk(run.state, plan, 0, run.steps_per_epoch)
+        assert int(chunked.step) == run.steps_per_epoch
+        for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(stepped), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_short_run_writes_its_workdir_and_prints_the_seed_lines(tiny_idx_source, tmp_path,
