@@ -82,7 +82,7 @@ def schedule_of(constants: dict) -> optax.Schedule:
     """The one-cycle schedule of `onecycle_constants` (host numbers or traced values)."""
     c = constants
 
-    def anneal(stop, span, remaining_steps, rate):  # start = stop + span at remaining_steps = 1
+    def anneal(stop, span, remaining_steps, rate):  # stop + span at the phase's first step
         # torch's stop + span / 2 * (cos(pi f) + 1), f the fraction done, written as
         # sin(pi (1 - f) / 2)^2 so that float32 keeps its relative precision where the rate
         # is tiny (the last steps).
