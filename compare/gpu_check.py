@@ -41,7 +41,7 @@ from flax_impl.common.workdir import read_metrics, workdir_record
 # took).
 FULL_STEPS = [
     ("parity", ["compare.parity", "--device", "auto"], 120, None),
-    ("speed", ["compare.speed", "--ablation", "--no-epoch", "--steps", "312",
+    ("speed", ["compare.speed", "--no-epoch", "--steps", "312",
                "--steps-per-call", "39", "--json", "{out}/speed.json"], 150, None),
     ("flax_train", ["flax_impl.train", "--workdir", "{work}/flax"], 90, "{work}/flax"),
     ("torch_train", ["torch_ref.train", "--device", "auto", "--workdir", "{work}/torch"], 120,
@@ -57,6 +57,8 @@ QUICK_FLAGS = {  # the same steps, small: a smoke run
     "speed": ["--steps", "2", "--steps-per-call", "1"],
     **{name: SMALL_TRAINING for name in ("flax_train", "torch_train", "flax_fast", "torch_fast")},
 }
+# Only in the full check: the ablation (seven more compiled steps; tested on its own).
+FULL_FLAGS = {"speed": ["--ablation"]}
 LOGS = {"parity": "parity.txt", "speed": "speed.txt", "flax_train": "flax_train.log",
         "torch_train": "torch_train.log", "flax_fast": "flax_fast.log",
         "torch_fast": "torch_fast.log"}
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, command, limit, workdir in FULL_STEPS:
         command = [part.format(out=out, work=work) for part in command]
         command += ["--data-source", args.data_source] + (QUICK_FLAGS[name] if args.quick
-                                                          else [])
+                                                          else FULL_FLAGS.get(name, []))
         summary["steps"][name] = run_step(name, command, limit, out, env)
         if workdir:
             summary["steps"][name].update(training_record(Path(workdir.format(work=work))))

@@ -335,6 +335,12 @@ ABLATIONS = {
 }
 
 
+def ablation_lines(timed: dict) -> list[str]:
+    """One line per variant `ablation` timed: its label, ms per step and slow-down."""
+    return [f"  {label:<58} {timed[name]['median_ms']:7.1f} ms  {timed[name]['slowdown']:5.2f}x"
+            for name, label in ABLATIONS.items() if name in timed]
+
+
 def report(results: dict) -> str:
     """The comparison as a table with JAX/torch ratios (above 1: JAX is faster)."""
     f, t, batch = results["flax"], results["torch"], results["batch_size"]
@@ -366,9 +372,7 @@ def report(results: dict) -> str:
     if "ablation" in results:
         lines += ["", "flax with each fast kernel undone, timed in turns with the fast kernels "
                       "(median ms per train step, slow-down against them):"]
-        for name, label in ABLATIONS.items():
-            a = results["ablation"][name]
-            lines.append(f"  {label:<58} {a['median_ms']:7.1f} ms  {a['slowdown']:5.2f}x")
+        lines += ablation_lines(results["ablation"])
     if "nnx" in results:
         lines += ["", "the NNX port against linen, timed in turns (median ms per train step, "
                       "slow-down against linen at the same steps per call; compile time):"]

@@ -35,11 +35,11 @@ from flax_impl.common.errors import (
 )
 from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
 from flax_impl.common.workdir import (
+    EpochFiles,
     check_workdir,
     load_config,
     prepare_workdir,
     workdir_lock,
-    write_epoch_files,
 )
 from flax_impl.compile_cache import use_compilation_cache
 from flax_impl.core import (
@@ -230,10 +230,10 @@ def train_loop(run: Setup, manager: ocp.CheckpointManager | None, resume: bool,
     `manager` and writing the epoch files to `files`; the per-epoch metrics."""
     config, steps = run.config, run.steps_per_epoch
     state, progress = resume_point(run, manager) if resume else (run.state, Progress())
-    if progress.history:  # the checkpoint's records: metrics.jsonl as they were, whole
-        write_epoch_files(files, progress.history)
     first_loss = None  # the first step's loss: what an exploded loss is measured against
-    with StopRequests() as stop:
+    with StopRequests() as stop, EpochFiles(files) as epoch_files:
+        if progress.history:  # the checkpoint's records: metrics.jsonl as they were, whole
+            epoch_files.write(progress.history)
         for epoch in range(progress.epoch, config.epochs + 1):
             first = progress.step if epoch == progress.epoch else 0
             plan, started = run.plan(epoch), time.perf_counter()
@@ -260,7 +260,7 @@ def train_loop(run: Setup, manager: ocp.CheckpointManager | None, resume: bool,
                          len(run.eval_data[1]), time.perf_counter() - started, config.eval_split)
             progress = Progress(epoch + 1, 0, 0.0, progress.history)
             save_checkpoint(manager, state, progress)
-            write_epoch_files(files, progress.history)
+            epoch_files.write(progress.history)
     return progress.history
 
 

@@ -393,3 +393,16 @@ def test_collectives_of_a_step_reduce_every_gradient(tmp_path, capsys):
     assert found["kernels"] == "fast" and all(c["times"] == 1 for c in found["collectives"])
     assert len(found["collectives"]) == 2 * 6 + 1
     assert found["link_model"]["step_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_ablation_times_each_variant_in_turns_with_the_fast_kernels(monkeypatch):
+    stock = speed.ablation_variants()["stock"]
+    monkeypatch.setattr(speed, "ablation_variants", lambda: {"stock": stock})
+    config = Config(batch_size=64, eval_batch_size=100, epochs=1)
+    timed = speed.ablation(synthetic_mnist(256, 100), config, rounds=2, steps_per_call=2)
+    assert list(timed) == ["default", "python_loop", "stock"]
+    assert all(t["median_ms"] > 0 and t["slowdown"] > 0 for t in timed.values())
+    assert timed["default"]["slowdown"] == 1.0
+    lines = speed.ablation_lines(timed)
+    assert [line.split()[0] for line in lines] == ["fast", "Python", "stock"]

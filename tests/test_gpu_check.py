@@ -59,3 +59,19 @@ def test_a_packed_cache_unpacks_to_the_same_verified_arrays(tmp_path, monkeypatc
     loaded = load_mnist("auto", cache=tmp_path / "elsewhere")
     for got, want in zip(loaded, mnist, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_only_the_full_check_times_the_ablation(tmp_path, monkeypatch, quick):
+    commands = {}
+
+    def record(name, argv, limit, out, env):
+        commands[name] = argv
+        return {"exit": 0, "seconds": 0.0, "limit": limit}
+
+    monkeypatch.setattr(gpu_check, "devices", lambda env: {"jax_backend": "cpu"})
+    monkeypatch.setattr(gpu_check, "run_step", record)
+    assert gpu_check.main(["--out", str(tmp_path), *(["--quick"] if quick else [])]) == 0
+    assert list(commands) == [name for name, *_ in gpu_check.FULL_STEPS]
+    assert ("--ablation" in commands["speed"]) is not quick
+    assert ("--epochs" in commands["flax_train"]) is quick

@@ -8,6 +8,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import flax_impl.common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,3 +74,38 @@ def test_the_stock_model_and_core_import_no_optional_layer():
         assert not {n for n in imports[path] if "extras" in n or n.endswith("distributed")}, path
     optional = {n for n in imports["flax_impl/train.py"] if "extras" in n}
     assert not optional, "train.py reaches the optional layers through flax_impl.setup"
+
+
+def test_epoch_files_rewrite_the_metrics_each_epoch_and_the_curves_when_due(tmp_path):
+    from flax_impl.common.workdir import EpochFiles, read_metrics
+
+    records = [{"epoch": e, "train_loss": 0.5 / e, "test_loss": 0.1 / e,
+                "test_accuracy": 0.9 + 0.01 * e, "seconds": 1.0} for e in (1, 2, 3)]
+    curves = tmp_path / "curves.png"
+    with EpochFiles(tmp_path, redraw_seconds=3600) as files:
+        files.write(records[:1])
+        first = curves.read_bytes()  # the first epoch is drawn at once
+        files.write(records[:2])
+        assert read_metrics(tmp_path / "metrics.jsonl") == records[:2]
+        assert curves.read_bytes() == first  # not due yet
+    assert curves.read_bytes() != first  # drawn as the run ends
+    with EpochFiles(tmp_path, redraw_seconds=0) as files:
+        files.write(records[:2])
+        drawn = curves.read_bytes()
+        files.write(records)
+        assert curves.read_bytes() != drawn  # due at every epoch
+
+
+def test_epoch_files_draw_what_they_hold_when_the_run_stops_with_an_error(tmp_path):
+    from flax_impl.common.workdir import EpochFiles
+
+    records = [{"epoch": e, "train_loss": 0.5, "test_loss": 0.1, "test_accuracy": 0.9,
+                "seconds": 1.0} for e in (1, 2)]
+    with pytest.raises(KeyboardInterrupt), EpochFiles(tmp_path, redraw_seconds=3600) as files:
+        files.write(records[:1])
+        first = (tmp_path / "curves.png").read_bytes()
+        files.write(records)
+        raise KeyboardInterrupt
+    assert (tmp_path / "curves.png").read_bytes() != first
+    with EpochFiles(None) as files:  # no workdir: nothing written, nothing to draw
+        files.write(records)

@@ -30,10 +30,10 @@ from flax_impl.common.errors import (
 )
 from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
 from flax_impl.common.workdir import (
+    EpochFiles,
     check_workdir,
     prepare_workdir,
     workdir_lock,
-    write_epoch_files,
 )
 from torch_ref import distributed
 from torch_ref.setup import DEVICES, Setup, resolve_device, setup_training
@@ -164,28 +164,30 @@ def train_loop(run: Setup, workdir: Path | None, resume: bool) -> list[dict]:
     config, steps, group = run.config, run.steps_per_epoch, run.group
     checkpoint = workdir / CHECKPOINT_FILE if workdir else None
     history = resume_point(run, checkpoint) if resume else []
-    if history:  # the checkpoint's records: metrics.jsonl as they were, whole
-        write_epoch_files(workdir if group.primary else None, history)
     first_loss = None  # the first step's loss: what an exploded loss is measured against
-    for epoch in range(len(history) + 1, config.epochs + 1):
-        order, started = run.plan(), time.perf_counter()
-        loss_sum = torch.zeros((), device=run.device)
-        with epoch_bar(epoch, config.epochs, steps, disable=not group.primary) as bar:
-            for step in range(steps):
-                loss_sum += run.run_step(order, step)
-                bar.update()
-                if step % BAR_EVERY == 0 or step == steps - 1:  # a host sync (and a collective)
-                    mean_loss = group.sum([loss_sum.item()])[0] / group.world_size / (step + 1)
-                    first_loss = mean_loss if first_loss is None else first_loss
-                    if exploded(mean_loss, first_loss):
-                        raise diverged(mean_loss, epoch, f"1-{step + 1}")
-                    bar.set_postfix_str(f"loss={mean_loss:.4f}")
-        # The epoch is done: evaluate, record, checkpoint.
-        record_epoch(history, epoch, mean_loss, *run.score(), len(run.eval_data[1]),
-                     time.perf_counter() - started, config.eval_split)
-        if checkpoint:
-            save_checkpoint(checkpoint, run, history)
-        write_epoch_files(workdir if group.primary else None, history)
+    with EpochFiles(workdir if group.primary else None) as epoch_files:
+        if history:  # the checkpoint's records: metrics.jsonl as they were, whole
+            epoch_files.write(history)
+        for epoch in range(len(history) + 1, config.epochs + 1):
+            order, started = run.plan(), time.perf_counter()
+            loss_sum = torch.zeros((), device=run.device)
+            with epoch_bar(epoch, config.epochs, steps, disable=not group.primary) as bar:
+                for step in range(steps):
+                    loss_sum += run.run_step(order, step)
+                    bar.update()
+                    # a host sync (and a collective)
+                    if step % BAR_EVERY == 0 or step == steps - 1:
+                        mean_loss = group.sum([loss_sum.item()])[0] / group.world_size / (step + 1)
+                        first_loss = mean_loss if first_loss is None else first_loss
+                        if exploded(mean_loss, first_loss):
+                            raise diverged(mean_loss, epoch, f"1-{step + 1}")
+                        bar.set_postfix_str(f"loss={mean_loss:.4f}")
+            # The epoch is done: evaluate, record, checkpoint.
+            record_epoch(history, epoch, mean_loss, *run.score(), len(run.eval_data[1]),
+                         time.perf_counter() - started, config.eval_split)
+            if checkpoint:
+                save_checkpoint(checkpoint, run, history)
+            epoch_files.write(history)
     return history
 
 

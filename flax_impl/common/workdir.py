@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,9 @@ CONFIG_FILE = "config.json"
 # them all, so that nothing of an earlier run is read as its own.
 RUN_OUTPUTS = (METRICS_FILE, "curves.png", "checkpoints", "checkpoint.pt", "model.pt",
                "confusion.png", "errors.png")
+# Drawing curves.png takes a noticeable part of a short run's epoch: it is redrawn at most this
+# often while a run goes on (metrics.jsonl is rewritten every epoch).
+CURVES_REDRAW_SECONDS = 30.0
 
 
 @contextlib.contextmanager
@@ -65,11 +69,40 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda file: file.write(text.encode()))
 
 
-def write_epoch_files(workdir: Path | None, history: list[dict]) -> None:
-    """Rewrite `workdir`'s metrics.jsonl and curves.png from `history` (nothing without one)."""
-    if workdir:
-        write_metrics(workdir, history)
-        write_curves(workdir, history)
+class EpochFiles:
+    """The files a run rewrites as its epochs end, in a `with` block: metrics.jsonl every epoch;
+    curves.png on the first write, then when `redraw_seconds` have passed since the last
+    drawing, and once more as the block ends, however it ends. Nothing without a workdir."""
+
+    def __init__(self, workdir: Path | None, redraw_seconds: float = CURVES_REDRAW_SECONDS):
+        self.workdir, self.redraw_seconds = workdir, redraw_seconds
+        self._drawn_at: float | None = None  # time.monotonic() of the last drawing
+        self._undrawn: list[dict] = []  # the history not yet in curves.png
+
+    def write(self, history: list[dict]) -> None:
+        """Rewrite metrics.jsonl from `history`; redraw curves.png if it is due."""
+        if not self.workdir:
+            return
+        write_metrics(self.workdir, history)
+        self._undrawn = list(history)
+        if self._drawn_at is None or time.monotonic() - self._drawn_at >= self.redraw_seconds:
+            self.draw()
+
+    def draw(self) -> None:
+        """Draw curves.png from the last history written, if it is not drawn yet."""
+        if self._undrawn:
+            write_curves(self.workdir, self._undrawn)
+            self._drawn_at, self._undrawn = time.monotonic(), []
+
+    def __enter__(self) -> EpochFiles:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.draw()
+            return
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            self.draw()
 
 
 def prepare_workdir(workdir: Path, config: Config, framework: str, resume: bool,
