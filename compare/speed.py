@@ -75,6 +75,7 @@ class FlaxBench:
 
     def __init__(self, data, config: Config, steps_per_call: int,
                  kernels: str | Kernels = "auto"):
+        flax_setup.programs.cache_clear()  # the warm-up traces and compiles, as a new process
         self.run = flax_setup.setup_training(config, data, kernels=kernels,
                                             steps_per_call=steps_per_call)
         self.steps_per_call, self.steps = steps_per_call, self.run.steps_per_epoch

@@ -8,8 +8,11 @@ Builds the model with its kernels, the initial state, the jitted chunk and evalu
 `flax_impl.core`, the shardings and the device-resident dataset, data-parallel over a 1-D `data`
 mesh of all devices (every process's, in a multi-process run): the batches' example indices are
 split along it, so each device gathers and computes its own rows of every batch; the state and
-the dataset are replicated. One device is a mesh of one. Training (`flax_impl.train`),
-`compare.speed` and `compare.parity` all start here, so the benchmark times what training runs.
+the dataset are replicated. One device is a mesh of one. What is built from the settings alone
+(`programs`: the model and the jitted functions) is kept for the process, so that another run
+of the same settings (a resumed run, a sweep's next seed, a test's next call) traces and
+compiles nothing again. Training (`flax_impl.train`), `compare.speed` and `compare.parity` all
+start here, so the benchmark times what training runs.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import argparse
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,9 +35,10 @@ from flax_impl.common.errors import ConfigError
 from flax_impl.core import (
     TrainState,
     create_optimizer,
-    create_train_state,
     epoch_plan,
     eval_variables,
+    initial_state,
+    jit_init,
     make_evaluate,
     make_train_chunk,
     make_train_step,
@@ -112,28 +116,66 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
     if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
         raise ConfigError(f"--batch-size {config.batch_size} and the eval batch size must "
                           f"divide evenly over {mesh.size} devices")
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    rows = NamedSharding(mesh, P(None, "data"))  # each device gets its share of a batch's rows
+    replicated = NamedSharding(mesh, P())
     kernels = get_kernels(kernels, batch_groups=mesh.size)
-    model = build_model(config, kernels)
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
     total_steps = config.epochs * steps
-    state = create_train_state(init_key, model, create_optimizer(config, total_steps),
-                               ema=bool(config.ema_decay))
-    train_step = make_train_step(config, kernels.rotate)
+    built = programs(program_key(config), total_steps, kernels, mesh)
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
     return Setup(
-        config=config, model=model, kernels=kernels,
-        state=jax.device_put(state, replicated), key=train_key, steps_per_epoch=steps,
-        steps_per_call=steps_per_call or DEFAULT_STEPS_PER_CALL, train_step=train_step,
-        train_chunk=make_train_chunk(train_step, batch_sharding,
-                                     functools.partial(optimizer_of, config)),
+        config=config, model=built.model, kernels=kernels,
+        state=jax.device_put(built.init(init_key), replicated), key=train_key,
+        steps_per_epoch=steps, steps_per_call=steps_per_call or DEFAULT_STEPS_PER_CALL,
+        train_step=built.train_step, train_chunk=built.train_chunk,
         schedule=jax.device_put(onecycle_constants(config, total_steps), replicated),
-        evaluate=make_evaluate(model, config.eval_batch_size, batch_sharding),
+        evaluate=built.evaluate,
         train_data=jax.device_put((data.train_images[:count], data.train_labels[:count]),
                                   replicated),
         eval_data=jax.device_put(config.evaluation_set(data), replicated),
-        epoch_plan=jax.jit(epoch_plan, static_argnums=(2, 3, 4), out_shardings=(rows, replicated)),
-        replicated=replicated)
+        epoch_plan=built.epoch_plan, replicated=replicated)
+
+
+class Programs(NamedTuple):
+    """What `setup_training` builds from a config alone: the model and the jitted functions
+    (each keeps the programs it traced and compiled; the optimizer is the initial state's)."""
+
+    model: nn.Module | SplitModel
+    init: Callable  # key -> the initial TrainState (`core.create_train_state`)
+    train_step: Callable
+    train_chunk: Callable
+    evaluate: Callable
+    epoch_plan: Callable
+
+
+# The config fields no program depends on (the data, the seed, labels; the run's length enters
+# as its number of steps): runs that differ only in them share their programs.
+NEUTRAL_FIELDS = {"recipe": "default", "epochs": 1, "seed": 0, "data_source": "auto",
+                  "train_examples": None, "validation": 0}
+
+
+def program_key(config: Config) -> Config:
+    """`config` with its NEUTRAL_FIELDS at their defaults: what `programs` is built from."""
+    return dataclasses.replace(config, **NEUTRAL_FIELDS)
+
+
+@functools.lru_cache(maxsize=8)
+def programs(config: Config, total_steps: int, kernels: Kernels, mesh: Mesh) -> Programs:
+    """The `Programs` of `config` for a run of `total_steps` with `kernels` on `mesh`, built
+    once per process: another run of the same settings (a resumed run, the next run of a
+    sweep or a test) traces and compiles nothing again. `programs.cache_clear()` forgets them.
+    """
+    batch_sharding = NamedSharding(mesh, P("data"))
+    rows = NamedSharding(mesh, P(None, "data"))  # each device gets its share of a batch's rows
+    model = build_model(config, kernels)
+    tx = create_optimizer(config, total_steps)
+    train_step = make_train_step(config, kernels.rotate)
+    return Programs(
+        model=model, init=jit_init(initial_state(model, tx, bool(config.ema_decay))),
+        train_step=train_step,
+        train_chunk=make_train_chunk(train_step, batch_sharding,
+                                     functools.partial(optimizer_of, config)),
+        evaluate=make_evaluate(model, config.eval_batch_size, batch_sharding),
+        epoch_plan=jax.jit(epoch_plan, static_argnums=(2, 3, 4),
+                           out_shardings=(rows, NamedSharding(mesh, P()))))
 
 
 def build_model(config: Config, kernels: str | Kernels = "auto") -> nn.Module | SplitModel:
