@@ -58,6 +58,7 @@ def test_each_direction_sums_the_batch_in_one_reduction():
     assert forward == 2 and backward >= 2  # what it saves: the all-reduces across devices
 
 
+@pytest.mark.slow
 def test_a_network_trained_with_it_matches_the_stock_network():
     # float64: through six BatchNorm layers of a batch of 8, float32 rounding alone moves some
     # gradients by percents, and that differently from one XLA to the next.

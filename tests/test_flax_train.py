@@ -97,6 +97,7 @@ def test_the_schedule_computed_from_run_time_values_has_the_bits_of_its_constant
             np.testing.assert_array_equal(from_values(values, steps), constant)
 
 
+@pytest.mark.slow
 def test_runs_of_other_lengths_and_rates_share_one_train_chunk_that_steps_as_their_optimizer():
     data = synthetic_mnist(256, 10)
     runs = [setup.setup_training(Config(model="tinynet", epochs=epochs, lr=lr, batch_size=64),

@@ -34,7 +34,10 @@ def assert_trees_equal(got, want):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", ["net", "tinynet", "widenet", "seednet"])
+# Net in the quick subset; the other networks (each initialisation a program to compile) in
+# the full suite.
+@pytest.mark.parametrize("name", ["net", *(pytest.param(name, marks=pytest.mark.slow)
+                                           for name in ("tinynet", "widenet", "seednet"))])
 def test_one_key_gives_linens_variables_names_shapes_and_values(name):
     key, images = jax.random.key(5), normal(6, (4, 28, 28, 1))
     linen = create_linen_model(name)
