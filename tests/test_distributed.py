@@ -119,7 +119,8 @@ def assert_stopped_with_one_line(result: subprocess.CompletedProcess, seconds: f
 
 # Flax: jax.distributed
 
-# 8 steps an epoch in two calls of 4: one compiled chunk per run.
+# 8 steps an epoch in two calls of 4: one compiled chunk per run (and the runs of
+# tests/test_faults.py's on one device).
 FLAX_RUN = ["--epochs", "2", "--batch-size", "64", "--steps-per-call", "4"]
 
 
@@ -161,8 +162,8 @@ def test_flax_two_processes_train_as_one_process_and_resume(tiny_idx_source, tmp
 
 @pytest.mark.slow
 def test_flax_sigterm_to_one_process_stops_all_at_one_checkpoint(tiny_idx_source, tmp_path):
-    flags = ["--epochs", "4", "--batch-size", "64", "--steps-per-call", "2",
-             "--data-source", tiny_idx_source, "--workdir", str(tmp_path)]
+    flags = [*FLAX_RUN, "--epochs", "4", "--data-source", tiny_idx_source, "--workdir",
+             str(tmp_path)]
     processes = flax_processes(flags)
     after_first_epoch(processes, tmp_path)
     processes[1].send_signal(signal.SIGTERM)
@@ -179,8 +180,8 @@ def test_flax_sigterm_to_one_process_stops_all_at_one_checkpoint(tiny_idx_source
 
 @pytest.mark.slow
 def test_flax_a_process_that_dies_stops_the_other_with_one_line(tiny_idx_source, tmp_path):
-    processes = flax_processes(["--epochs", "500", "--batch-size", "64",
-                                "--data-source", tiny_idx_source, "--workdir", str(tmp_path)])
+    processes = flax_processes([*FLAX_RUN, "--epochs", "500", "--data-source", tiny_idx_source,
+                                "--workdir", str(tmp_path)])
     assert_stopped_with_one_line(*kill_one_and_watch_the_other(processes, tmp_path),
                                  "process 0 of 2: a collective failed")
 

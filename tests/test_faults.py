@@ -20,8 +20,10 @@ pytestmark = pytest.mark.slow
 
 
 def command(source: str, workdir: Path, *extra: str) -> list[str]:
+    # 8 steps an epoch in two calls (a signal can stop a run mid-epoch): the programs of
+    # tests/test_distributed.py's runs on one device, so the compilation cache holds them once.
     return [sys.executable, "-m", "flax_impl.train", "--data-source", source, "--epochs", "6",
-            "--batch-size", "32", "--steps-per-call", "2", "--workdir", str(workdir), *extra]
+            "--batch-size", "64", "--steps-per-call", "4", "--workdir", str(workdir), *extra]
 
 
 def start_and_stop(source: str, workdir: Path, signum: int, argv: list[str] | None = None
