@@ -132,6 +132,9 @@ def test_a_run_of_the_same_settings_reuses_the_programs_and_steps_the_same():
     assert not np.array_equal(jax.random.key_data(again.key), jax.random.key_data(first.key))
     other = setup.setup_training(dataclasses.replace(config, lr=0.2), data)
     assert other.train_chunk is not first.train_chunk
+    widths = [8, 10, 12, 12, 14, 14]  # given as a list, as well as a tuple
+    assert setup.setup_training(dataclasses.replace(config, widths=widths), data).train_chunk \
+        is setup.setup_training(dataclasses.replace(config, widths=tuple(widths)), data).train_chunk
     setup.programs.cache_clear()
     fresh = setup.setup_training(config, data)
     assert fresh.train_chunk is not first.train_chunk
