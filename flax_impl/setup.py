@@ -153,10 +153,8 @@ NEUTRAL_FIELDS = {"recipe": "default", "epochs": 1, "seed": 0, "data_source": "a
 
 
 def program_key(config: Config) -> Config:
-    """`config` with its NEUTRAL_FIELDS at their defaults (and its widths a tuple, whatever
-    sequence they were given as): what `programs` is built from."""
-    widths = tuple(config.widths) if config.widths is not None else None
-    return dataclasses.replace(config, **NEUTRAL_FIELDS, widths=widths)
+    """`config` with its NEUTRAL_FIELDS at their defaults: what `programs` is built from."""
+    return dataclasses.replace(config, **NEUTRAL_FIELDS)
 
 
 @functools.lru_cache(maxsize=8)

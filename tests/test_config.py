@@ -46,3 +46,19 @@ def test_the_validation_split_is_the_last_training_images():
     with pytest.raises(ConfigError, match="--train-examples 80 is more than the 70 training "
                                           "images not held out for validation"):
         Config(validation=30, train_examples=80).training_images(100)
+
+
+def test_widths_given_as_any_sequence_are_held_as_a_tuple():
+    config = Config(model="net", widths=[8, 10, 12, 12, 14, 14])  # as config.json's list
+    assert config.widths == (8, 10, 12, 12, 14, 14)
+    assert config == Config(model="net", widths=(8, 10, 12, 12, 14, 14))
+    assert hash(config) == hash(Config(model="net", widths=(8, 10, 12, 12, 14, 14)))
+    assert Config().widths is None
+
+
+def test_a_recorded_config_with_widths_loads_as_the_same_config(tmp_path):
+    from flax_impl.common.workdir import create_workdir, load_config
+
+    config = Config(model="net", widths=(6, 8, 10, 10, 12, 12), epochs=3)
+    create_workdir(tmp_path / "run", config, "flax")
+    assert load_config(tmp_path / "run") == config

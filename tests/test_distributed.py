@@ -119,8 +119,8 @@ def assert_stopped_with_one_line(result: subprocess.CompletedProcess, seconds: f
 
 # Flax: jax.distributed
 
-# 8 steps an epoch in two calls of 4: one compiled chunk per run (and the runs of
-# tests/test_faults.py's on one device).
+# 8 steps an epoch in two calls of 4: one compiled chunk per run (the shape of
+# tests/test_faults.py's runs too).
 FLAX_RUN = ["--epochs", "2", "--batch-size", "64", "--steps-per-call", "4"]
 
 

@@ -50,6 +50,10 @@ class Config:
     eval_batch_size: int = 1000
     api: str = "linen"  # the Flax API of the network (API_CHOICES); torch_ref has one
 
+    def __post_init__(self):
+        if self.widths is not None:  # any sequence (a JSON list): a tuple, so a Config hashes
+            object.__setattr__(self, "widths", tuple(self.widths))
+
     def training_images(self, available: int) -> int:
         """How many of the `available` training images the run trains on: the first ones, of
         those not held out for validation (ConfigError if too few)."""

@@ -98,10 +98,8 @@ class EpochFiles:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is None:
-            self.draw()
-            return
-        with contextlib.suppress(Exception):  # the run's own error is the one to report
+        # On the way out of a failed run, its own error is the one to report.
+        with contextlib.suppress(Exception) if exc_type else contextlib.nullcontext():
             self.draw()
 
 
@@ -210,10 +208,7 @@ def workdir_record(workdir: str | Path) -> dict:
 def load_config(workdir: str | Path) -> Config:
     """The Config recorded in a training workdir's config.json."""
     fields = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in workdir_record(workdir).items() if k in fields}
-    if values.get("widths") is not None:  # a JSON list
-        values["widths"] = tuple(values["widths"])
-    return Config(**values)
+    return Config(**{k: v for k, v in workdir_record(workdir).items() if k in fields})
 
 
 def read_metrics(path: Path) -> list[dict]:
