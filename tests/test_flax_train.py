@@ -27,13 +27,17 @@ def short_config(source: str, **overrides) -> Config:
     return dataclasses.replace(config, **overrides)
 
 
+# XLA's default backend optimisation level, named: the suite's XLA_FLAGS lower it (conftest).
+XLA_DEFAULT_LEVEL = {"xla_backend_optimization_level": 3}
+
+
 @pytest.mark.slow
 def test_the_initial_state_is_compiled_lightly_and_holds_the_same_bits(monkeypatch):
     config = Config(ema_decay=0.9)
     model, tx = setup.build_model(config), core.create_optimizer(config, 100)
     light = core.create_train_state(jax.random.key(7), model, tx, ema=True)
     assert core.LIGHT_COMPILER_OPTIONS == {"xla_backend_optimization_level": 1}
-    monkeypatch.setattr(core, "LIGHT_COMPILER_OPTIONS", {})  # XLA's default optimisation level
+    monkeypatch.setattr(core, "LIGHT_COMPILER_OPTIONS", XLA_DEFAULT_LEVEL)
     default = core.create_train_state(jax.random.key(7), model, tx, ema=True)
     for a, b in zip(jax.tree.leaves(light), jax.tree.leaves(default), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -49,7 +53,7 @@ def test_the_evaluation_is_compiled_lightly_and_scores_the_same_bits(monkeypatch
     state, _ = run.run_chunk(run.state, run.plan(1), 0, 1)  # BatchNorm statistics updated once
     variables = core.eval_variables(state)
     light = run.evaluate(variables, *run.eval_data)
-    monkeypatch.setattr(core, "LIGHT_COMPILER_OPTIONS", {})  # XLA's default optimisation level
+    monkeypatch.setattr(core, "LIGHT_COMPILER_OPTIONS", XLA_DEFAULT_LEVEL)
     rows = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), P("data"))
     default = core.make_evaluate(run.model, 100, rows)(variables, *run.eval_data)
     for a, b in zip(light, default, strict=True):
