@@ -20,9 +20,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Compiling is much of the suite's time: XLA's backend optimisation level 1 compiles the train
-# chunk in less time than the default level 3 and runs the suite's small programs about as fast. Every process
-# of the suite compiles at the same level, so the runs it compares compile alike; the two tests
-# of the product's own light compilation pin level 3 for the programs they compare with.
+# chunk in less time than the default level 3 and runs the suite's small programs about as
+# fast. Every process of the suite compiles at the same level, so the runs it compares compile
+# alike; the two tests of the product's own light compilation pin level 3 where they compare.
 SUITE_OPTIMIZATION = "--xla_backend_optimization_level=1"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_OPTIMIZATION}".strip()
