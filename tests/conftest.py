@@ -32,6 +32,14 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The suite's one Flax run shape: the tiny source's 512 images (`tiny_idx_source`), 8 steps of
+# 64 an epoch in two jitted calls (a signal can stop a run mid-epoch), the default evaluation
+# batch. The training tests that are not about the shape train with it, in or out of process,
+# so the compilation cache holds their programs once.
+SHAPE_BATCH_SIZE, SHAPE_STEPS_PER_CALL = 64, 4
+FLAX_SHAPE = ("--batch-size", str(SHAPE_BATCH_SIZE), "--steps-per-call", str(SHAPE_STEPS_PER_CALL))
+
+
 def normal(seed: int, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """Standard-normal test inputs drawn by NumPy (`jax.random.normal` would compile a program
     for each shape)."""

@@ -26,7 +26,7 @@ from torch import nn
 from flax_impl import train as flax_train
 from flax_impl.common.config import recipe_config
 from flax_impl.common.workdir import read_metrics
-from tests.conftest import synthetic_mnist
+from tests.conftest import FLAX_SHAPE, synthetic_mnist
 from torch_ref import train as torch_train
 from torch_ref.augment import random_rotate
 from torch_ref.distributed import GlobalBatchNorm2d, Group
@@ -119,9 +119,8 @@ def assert_stopped_with_one_line(result: subprocess.CompletedProcess, seconds: f
 
 # Flax: jax.distributed
 
-# 8 steps an epoch in two calls of 4: one compiled chunk per run (the shape of
-# tests/test_faults.py's runs too).
-FLAX_RUN = ["--epochs", "2", "--batch-size", "64", "--steps-per-call", "4"]
+# The suite's run shape: one compiled chunk per run, shared with the other tests' runs.
+FLAX_RUN = ["--epochs", "2", *FLAX_SHAPE]
 
 
 @pytest.mark.slow

@@ -13,17 +13,28 @@ import pytest
 
 from flax_impl import train as flax_train
 from flax_impl.common.workdir import read_metrics
+from tests.conftest import FLAX_SHAPE
 from torch_ref import train as torch_train
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+def shape_flags(module) -> list[str]:
+    """The suite's run shape (`FLAX_SHAPE`) on `module`'s command line (torch has no
+    --steps-per-call)."""
+    return list(FLAX_SHAPE if module is flax_train else FLAX_SHAPE[:2])
+
+
+def run_args(module, source: str, workdir: Path, *extra: str) -> list[str]:
+    """The flags of a one-epoch run of `module` in the suite's shape."""
+    return ["--data-source", source, "--epochs", "1", *shape_flags(module), "--workdir",
+            str(workdir), *extra]
+
+
 def command(source: str, workdir: Path, *extra: str) -> list[str]:
-    # 8 steps an epoch in two calls (a signal can stop a run mid-epoch): the programs of
-    # tests/test_distributed.py's runs on one device, so the compilation cache holds them once.
     return [sys.executable, "-m", "flax_impl.train", "--data-source", source, "--epochs", "6",
-            "--batch-size", "64", "--steps-per-call", "4", "--workdir", str(workdir), *extra]
+            *FLAX_SHAPE, "--workdir", str(workdir), *extra]
 
 
 def start_and_stop(source: str, workdir: Path, signum: int, argv: list[str] | None = None
@@ -88,8 +99,7 @@ def test_nan_loss_stops_at_once_with_one_line(tiny_idx_source, tmp_path, capsys)
 
 
 def test_damaged_checkpoint_is_reported_not_loaded(tiny_idx_source, tmp_path, capsys):
-    args = ["--data-source", tiny_idx_source, "--epochs", "1", "--batch-size", "64",
-            "--workdir", str(tmp_path)]
+    args = run_args(flax_train, tiny_idx_source, tmp_path)
     assert flax_train.main(args) == 0
     latest = max((tmp_path / "checkpoints").iterdir(), key=lambda p: int(p.name))
     for path in latest.rglob("*"):
@@ -104,8 +114,7 @@ def test_damaged_checkpoint_is_reported_not_loaded(tiny_idx_source, tmp_path, ca
 
 def test_workdir_of_another_run_is_refused_without_resume_or_overwrite(tiny_idx_source, tmp_path,
                                                                        capsys):
-    args = ["--data-source", tiny_idx_source, "--epochs", "1", "--batch-size", "64",
-            "--workdir", str(tmp_path)]
+    args = run_args(flax_train, tiny_idx_source, tmp_path)
     assert flax_train.main(args) == 0
     # Another seed: another run whose steps compile to the same program as the first's.
     assert flax_train.main([*args, "--seed", "1"]) == 2
@@ -159,8 +168,7 @@ def test_a_workdir_that_is_a_file_is_one_line_error(tiny_idx_source, tmp_path, c
 @pytest.mark.parametrize("train_module", [flax_train, torch_train])
 def test_resume_with_nothing_to_resume_says_so_and_starts_fresh(tiny_idx_source, tmp_path, capsys,
                                                                 train_module):
-    args = ["--data-source", tiny_idx_source, "--epochs", "1", "--batch-size", "64",
-            "--workdir", str(tmp_path / "new"), "--resume"]
+    args = run_args(train_module, tiny_idx_source, tmp_path / "new", "--resume")
     assert train_module.main(args) == 0
     out = capsys.readouterr().out
     assert "--resume: no checkpoint" in out and "starting a fresh run" in out
@@ -239,11 +247,6 @@ def test_max_rotation_beyond_a_half_turn_is_refused(framework, degrees, capsys):
 
 # Workdirs that defend themselves.
 
-def run_args(source: str, workdir: Path, *extra: str) -> list[str]:
-    return ["--data-source", source, "--epochs", "1", "--batch-size", "64", "--workdir",
-            str(workdir), *extra]
-
-
 def listing(workdir: Path) -> dict[str, bytes]:
     """Every file under `workdir` and its bytes."""
     return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*"))
@@ -260,7 +263,7 @@ def test_a_busy_workdir_refuses_a_second_run_until_the_first_is_killed(tiny_idx_
             assert first.poll() is None, first.communicate()
             time.sleep(0.05)
         for module in (flax_train, torch_train):  # one lock for both frameworks
-            assert module.main(run_args(tiny_idx_source, tmp_path, "--overwrite")) == 2
+            assert module.main(run_args(module, tiny_idx_source, tmp_path, "--overwrite")) == 2
             err = capsys.readouterr().err.strip()
             assert err == f"error: {tmp_path} is in use by another run; wait for it to end or " \
                           f"choose another --workdir"
@@ -268,17 +271,17 @@ def test_a_busy_workdir_refuses_a_second_run_until_the_first_is_killed(tiny_idx_
         first.kill()
         first.communicate()
     # The killed run's lock died with it: the next run needs no clean-up.
-    assert torch_train.main(run_args(tiny_idx_source, tmp_path, "--overwrite")) == 0
+    assert torch_train.main(run_args(torch_train, tiny_idx_source, tmp_path, "--overwrite")) == 0
 
 
 def test_a_missing_config_beside_checkpoints_is_an_error_not_a_fresh_start(tiny_idx_source,
                                                                          tmp_path, capsys):
-    assert flax_train.main(run_args(tiny_idx_source, tmp_path)) == 0
+    assert flax_train.main(run_args(flax_train, tiny_idx_source, tmp_path)) == 0
     (tmp_path / "config.json").unlink()
     kept = listing(tmp_path)
     capsys.readouterr()
     for extra in ((), ("--resume",)):
-        assert flax_train.main(run_args(tiny_idx_source, tmp_path, *extra)) == 2
+        assert flax_train.main(run_args(flax_train, tiny_idx_source, tmp_path, *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert "holds a run's files (metrics.jsonl, curves.png, checkpoints) but no config.json" \
             in err and len(err.splitlines()) == 1
@@ -292,7 +295,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_ones_data_and_flags_are_check
 
     module = flax_train if framework == "flax" else torch_train
     workdir = tmp_path / "run"
-    assert module.main(run_args(tiny_idx_source, workdir)) == 0
+    assert module.main(run_args(module, tiny_idx_source, workdir)) == 0
     kept = listing(workdir)
     wrong_size = tmp_path / "idx32"
     wrong_size.mkdir()
@@ -302,25 +305,25 @@ def test_overwrite_keeps_the_old_run_until_the_new_ones_data_and_flags_are_check
                         ("t10k-labels-idx1-ubyte", np.zeros(16))):
         (wrong_size / stem).write_bytes(idx_bytes(array))
     capsys.readouterr()
-    assert module.main([*run_args(f"idx:{wrong_size}", workdir, "--overwrite")]) == 2
+    assert module.main([*run_args(module, f"idx:{wrong_size}", workdir, "--overwrite")]) == 2
     assert "expected uint8[N, 28, 28]" in capsys.readouterr().err
-    assert module.main([*run_args(tiny_idx_source, workdir, "--overwrite"),
+    assert module.main([*run_args(module, tiny_idx_source, workdir, "--overwrite"),
                         "--batch-size", "100000"]) == 2
     assert listing(workdir) == kept  # the old run, whole
     # A fresh workdir that fails its checks is left as it was: not there, nothing to block.
     fresh = tmp_path / "fresh"
-    assert module.main([*run_args(tiny_idx_source, fresh), "--batch-size", "100000"]) == 2
+    assert module.main([*run_args(module, tiny_idx_source, fresh), "--batch-size", "100000"]) == 2
     assert not fresh.exists()
-    assert module.main(run_args(tiny_idx_source, fresh)) == 0
+    assert module.main(run_args(module, tiny_idx_source, fresh)) == 0
 
 
 def test_a_fresh_torch_run_leaves_no_earlier_model_pt(tiny_idx_source, tmp_path, monkeypatch):
     from tests.conftest import crash_in_epoch
 
-    assert torch_train.main(run_args(tiny_idx_source, tmp_path)) == 0
+    assert torch_train.main(run_args(torch_train, tiny_idx_source, tmp_path)) == 0
     assert (tmp_path / "model.pt").exists()
-    config = torch_train.config_from_args(
-        torch_train.build_parser("t", "").parse_args(run_args(tiny_idx_source, tmp_path)))
+    args = run_args(torch_train, tiny_idx_source, tmp_path)
+    config = torch_train.config_from_args(torch_train.build_parser("t", "").parse_args(args))
     with monkeypatch.context() as patch:
         crash_in_epoch(patch, torch_train, 1)
         with pytest.raises(KeyboardInterrupt):
@@ -336,8 +339,8 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(framework, tiny_i
 
     module = flax_train if framework == "flax" else torch_train
     longer, shorter = tmp_path / "longer", tmp_path / "shorter"
-    assert module.main([*run_args(tiny_idx_source, longer), "--epochs", "2"]) == 0
-    assert module.main(run_args(tiny_idx_source, shorter)) == 0
+    assert module.main([*run_args(module, tiny_idx_source, longer), "--epochs", "2"]) == 0
+    assert module.main(run_args(module, tiny_idx_source, shorter)) == 0
     name = "checkpoints" if framework == "flax" else "checkpoint.pt"
     # The longer run's checkpoint under the shorter run's config (as if two runs had mixed).
     if framework == "flax":
@@ -347,7 +350,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(framework, tiny_i
         shutil.copy(longer / name, shorter / name)
     assert json.loads((shorter / "config.json").read_text())["epochs"] == 1
     capsys.readouterr()
-    assert module.main(run_args(tiny_idx_source, shorter, "--resume")) == 2
+    assert module.main(run_args(module, tiny_idx_source, shorter, "--resume")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --resume: ") and "--overwrite to start afresh" in err
     assert len(err.splitlines()) == 1
@@ -356,7 +359,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(framework, tiny_i
 @pytest.mark.parametrize("content", [b"[1, 2]", b'"a string"', b"\xff\xfe not utf-8"])
 def test_a_config_json_that_is_no_object_is_one_line(tiny_idx_source, tmp_path, capsys, content):
     (tmp_path / "config.json").write_bytes(content)
-    assert flax_train.main(run_args(tiny_idx_source, tmp_path, "--resume")) == 2
+    assert flax_train.main(run_args(flax_train, tiny_idx_source, tmp_path, "--resume")) == 2
     err = capsys.readouterr().err.strip()
     assert "config.json is not a training config (a JSON object)" in err
     assert len(err.splitlines()) == 1
@@ -369,7 +372,7 @@ def test_a_workdir_that_cannot_be_created_is_one_line(framework, where, tiny_idx
     module = flax_train if framework == "flax" else torch_train
     (tmp_path / "a_file").write_text("")
     workdir = tmp_path / "a_file" / "run" if where == "under_a_file" else Path("/proc/mnist20k")
-    assert module.main(run_args(tiny_idx_source, workdir)) == 2
+    assert module.main(run_args(module, tiny_idx_source, workdir)) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot create it" in err and len(err.splitlines()) == 1
 
@@ -397,8 +400,9 @@ def small_filesystem(tmp_path, request):
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(small_filesystem, module,
                                                                  tiny_idx_source):
     workdir = small_filesystem / "run"
+    shape = FLAX_SHAPE if module == "flax_impl.train" else FLAX_SHAPE[:2]
     argv = [sys.executable, "-m", module, "--data-source", tiny_idx_source, "--epochs", "12",
-            "--batch-size", "64", "--train-examples", "64", "--workdir", str(workdir)]
+            *shape, "--workdir", str(workdir)]
     full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert full.returncode == 2, full.stderr[-2000:]
     errors = [line for line in full.stderr.splitlines() if "error:" in line]
@@ -416,7 +420,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(small_filesyste
 def test_resuming_a_finished_run_restores_a_truncated_metrics_file(framework, tiny_idx_source,
                                                                    tmp_path):
     module = flax_train if framework == "flax" else torch_train
-    args = [*run_args(tiny_idx_source, tmp_path), "--epochs", "2"]
+    args = [*run_args(module, tiny_idx_source, tmp_path), "--epochs", "2"]
     assert module.main(args) == 0
     whole = read_metrics(tmp_path / "metrics.jsonl")
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -455,12 +459,12 @@ def test_ctrl_c_outside_a_checkpointed_chunk_is_one_line(framework, tiny_idx_sou
         raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "load_mnist", interrupted)  # Ctrl-C while MNIST loads
-    assert module.main(run_args(tiny_idx_source, tmp_path / "startup")) == 130
+    assert module.main(run_args(module, tiny_idx_source, tmp_path / "startup")) == 130
     monkeypatch.undo()
     if framework == "torch":  # Ctrl-C in torch's training loop: its last checkpoint stays
         crash_in_epoch(monkeypatch, torch_train, 2)
-        assert torch_train.main([*run_args(tiny_idx_source, tmp_path / "run"), "--epochs",
-                                 "3"]) == 130
+        args = run_args(torch_train, tiny_idx_source, tmp_path / "run", "--epochs", "3")
+        assert torch_train.main(args) == 130
         assert (tmp_path / "run" / "checkpoint.pt").exists()
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("SIGINT")]
@@ -485,14 +489,14 @@ def test_resume_refuses_a_checkpoint_of_other_shapes(framework, tiny_idx_source,
 
     module = flax_train if framework == "flax" else torch_train
     narrow, wide = tmp_path / "narrow", tmp_path / "wide"
-    assert module.main([*run_args(tiny_idx_source, narrow), "--model", "tinynet"]) == 0
-    assert module.main(run_args(tiny_idx_source, wide)) == 0
+    assert module.main([*run_args(module, tiny_idx_source, narrow), "--model", "tinynet"]) == 0
+    assert module.main(run_args(module, tiny_idx_source, wide)) == 0
     if framework == "flax":  # TinyNet's checkpoint under Net's config
         shutil.rmtree(wide / "checkpoints")
         shutil.copytree(narrow / "checkpoints", wide / "checkpoints")
     else:
         shutil.copy(narrow / "checkpoint.pt", wide / "checkpoint.pt")
     capsys.readouterr()
-    assert module.main(run_args(tiny_idx_source, wide, "--resume")) == 2
+    assert module.main(run_args(module, tiny_idx_source, wide, "--resume")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: checkpoint ") and len(err.splitlines()) == 1

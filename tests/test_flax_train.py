@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from flax_impl import core, setup
 from flax_impl import train as flax_train
 from flax_impl.common.config import Config
 from flax_impl.common.workdir import read_metrics
-from tests.conftest import crash_in_epoch, synthetic_mnist
+from tests.conftest import SHAPE_BATCH_SIZE, SHAPE_STEPS_PER_CALL, crash_in_epoch, synthetic_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def short_config(source: str, **overrides) -> Config:
     config = Config(data_source=source, epochs=2, batch_size=64, eval_batch_size=100)
     return dataclasses.replace(config, **overrides)
+
+
+def shape_config(source: str, **overrides) -> Config:
+    """A run of the suite's shape (conftest.FLAX_SHAPE) when trained at SHAPE_STEPS_PER_CALL."""
+    return dataclasses.replace(Config(data_source=source, batch_size=SHAPE_BATCH_SIZE),
+                               **overrides)
 
 
 # XLA's default backend optimisation level, named: the suite's XLA_FLAGS lower it (conftest).
@@ -200,22 +207,24 @@ def test_short_run_writes_its_workdir_and_prints_the_seed_lines(tiny_idx_source,
 
 @pytest.mark.slow
 def test_same_seed_gives_the_same_metrics(tiny_idx_source):
-    config = short_config(tiny_idx_source, epochs=1)
-    first, second = flax_train.train(config), flax_train.train(config)
+    config = shape_config(tiny_idx_source, epochs=1)
+    first, second = (flax_train.train(config, steps_per_call=SHAPE_STEPS_PER_CALL)
+                     for _ in range(2))
     assert first[0]["train_loss"] == second[0]["train_loss"]
     assert first[0]["test_loss"] == second[0]["test_loss"]
 
 
 @pytest.mark.slow
 def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, monkeypatch):
-    config = short_config(tiny_idx_source, epochs=3)
-    uninterrupted = flax_train.train(config, tmp_path / "straight")
+    config = shape_config(tiny_idx_source, epochs=3)
+    train = functools.partial(flax_train.train, config, steps_per_call=SHAPE_STEPS_PER_CALL)
+    uninterrupted = train(tmp_path / "straight")
 
     with monkeypatch.context() as patch:
         crash_in_epoch(patch, flax_train, 3)
         with pytest.raises(KeyboardInterrupt):
-            flax_train.train(config, tmp_path / "interrupted")
-    resumed = flax_train.train(config, tmp_path / "interrupted", resume=True)
+            train(tmp_path / "interrupted")
+    resumed = train(tmp_path / "interrupted", resume=True)
     for key in ("train_loss", "test_loss", "test_accuracy"):
         assert resumed[-1][key] == uninterrupted[-1][key]
     assert [m["epoch"] for m in read_metrics(tmp_path / "interrupted/metrics.jsonl")] == [1, 2, 3]

@@ -31,7 +31,8 @@ def trained_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MNIST20K_CACHE", raising=False)
-        flax_train.train(Config(epochs=1, train_examples=12_800), workdir)
+        # Two calls of 50 steps: one train chunk to compile.
+        flax_train.train(Config(epochs=1, train_examples=12_800), workdir, steps_per_call=50)
     return workdir
 
 
