@@ -13,23 +13,23 @@ import pytest
 
 from flax_impl import train as flax_train
 from flax_impl.common.workdir import read_metrics
-from tests.conftest import FLAX_SHAPE
+from tests.conftest import FLAX_SHAPE, SHAPE_BATCH_SIZE
 from torch_ref import train as torch_train
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def shape_flags(module) -> list[str]:
-    """The suite's run shape (`FLAX_SHAPE`) on `module`'s command line (torch has no
+def shape_flags(flax: bool) -> list[str]:
+    """The suite's run shape (`FLAX_SHAPE`) on a Flax or a torch command line (torch has no
     --steps-per-call)."""
-    return list(FLAX_SHAPE if module is flax_train else FLAX_SHAPE[:2])
+    return list(FLAX_SHAPE) if flax else ["--batch-size", str(SHAPE_BATCH_SIZE)]
 
 
 def run_args(module, source: str, workdir: Path, *extra: str) -> list[str]:
     """The flags of a one-epoch run of `module` in the suite's shape."""
-    return ["--data-source", source, "--epochs", "1", *shape_flags(module), "--workdir",
-            str(workdir), *extra]
+    return ["--data-source", source, "--epochs", "1", *shape_flags(module is flax_train),
+            "--workdir", str(workdir), *extra]
 
 
 def command(source: str, workdir: Path, *extra: str) -> list[str]:
@@ -400,9 +400,8 @@ def small_filesystem(tmp_path, request):
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(small_filesystem, module,
                                                                  tiny_idx_source):
     workdir = small_filesystem / "run"
-    shape = FLAX_SHAPE if module == "flax_impl.train" else FLAX_SHAPE[:2]
     argv = [sys.executable, "-m", module, "--data-source", tiny_idx_source, "--epochs", "12",
-            *shape, "--workdir", str(workdir)]
+            *shape_flags(module == "flax_impl.train"), "--workdir", str(workdir)]
     full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert full.returncode == 2, full.stderr[-2000:]
     errors = [line for line in full.stderr.splitlines() if "error:" in line]
