@@ -47,6 +47,12 @@ def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
+def two_devices_flags() -> str:
+    """The suite's XLA_FLAGS (its optimisation level: conftest) with two CPU devices: a run
+    compared with the suite's other runs must compile as they do."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+
+
 def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     out, err = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
@@ -134,7 +140,7 @@ def test_flax_two_processes_train_as_one_process_and_resume(tiny_idx_source, tmp
     assert "Epoch" not in two[1].stderr
     two_devices = finish(start(["-m", "flax_impl.train", *flags, "--workdir",
                                 str(tmp_path / "devices")],
-                               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+                               env={"XLA_FLAGS": two_devices_flags()}))
     assert two_devices.returncode == 0, two_devices.stderr[-3000:]
     one_device = finish(start(["-m", "flax_impl.train", *flags, "--workdir",
                                str(tmp_path / "one")]))
