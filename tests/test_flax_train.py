@@ -311,6 +311,15 @@ def test_the_moving_average_is_what_is_scored_saved_and_resumed(tiny_idx_source,
     assert resumed[-1]["test_loss"] == straight[-1]["test_loss"]
 
 
+# A fresh process that turns the cache on as the commands do and compiles one small program.
+CACHE_SCRIPT = """
+import jax, jax.numpy as jnp
+from flax_impl.compile_cache import use_compilation_cache
+print(use_compilation_cache())
+jax.jit(lambda x: x * 2)(jnp.arange(3.0)).block_until_ready()
+"""
+
+
 @pytest.mark.slow
 def test_a_second_run_compiles_nothing_and_the_cache_can_be_moved_or_turned_off(
         tiny_idx_source, tmp_path):
@@ -319,8 +328,9 @@ def test_a_second_run_compiles_nothing_and_the_cache_can_be_moved_or_turned_off(
     argv = [sys.executable, "-m", "flax_impl.train", "--data-source", tiny_idx_source,
             "--epochs", "1", "--batch-size", "64"]
 
-    def run(**extra):
-        subprocess.run(argv, cwd=ROOT, env={**env, **extra}, check=True, capture_output=True)
+    def run(command=argv, **extra):
+        return subprocess.run(command, cwd=ROOT, env={**env, **extra}, check=True,
+                              capture_output=True, text=True).stdout
 
     def entries(root):
         return sorted(p.name for p in root.rglob("*") if p.is_file())
@@ -331,11 +341,17 @@ def test_a_second_run_compiles_nothing_and_the_cache_can_be_moved_or_turned_off(
     assert any("train_chunk" in name for name in first)
     run()
     assert entries(default) == first  # every program came from the cache
-    run(MNIST20K_JAX_CACHE=str(tmp_path / "moved"))
 
+    # Moved and off: the same setting in a process that compiles one program, not a training.
     def programs(names):  # an entry's name is the program's and a key (which holds the path)
         return sorted(name.split("-")[0] for name in names)
 
-    assert programs(entries(tmp_path / "moved")) == programs(first)
-    run(MNIST20K_JAX_CACHE="off", XDG_CACHE_HOME=str(tmp_path / "xdg_off"))
+    script = [sys.executable, "-c", CACHE_SCRIPT]
+    assert run(script).strip() == str(next(default.iterdir()))  # where the training wrote
+    added = sorted(set(entries(default)) - set(first))
+    moved = tmp_path / "moved"
+    assert run(script, MNIST20K_JAX_CACHE=str(moved)).strip().startswith(str(moved))
+    assert programs(entries(moved)) == programs(added) and "jit__lambda" in programs(added)
+    assert run(script, MNIST20K_JAX_CACHE="off",
+               XDG_CACHE_HOME=str(tmp_path / "xdg_off")).strip() == "None"
     assert not (tmp_path / "xdg_off" / "mnist20k" / "jax").exists()
