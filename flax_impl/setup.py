@@ -225,6 +225,12 @@ def start_processes(args: argparse.Namespace) -> str | None:
     return distributed.describe()
 
 
+def stops_together():
+    """A context for the training: a stop all processes take leaves the run together (see
+    `distributed.stops_together`)."""
+    return distributed.stops_together()
+
+
 def leave(exit_code: int) -> int:
     """`exit_code`, or (a failed multi-process run) exit at once: see `distributed.leave`."""
     return distributed.leave(exit_code)

@@ -168,7 +168,7 @@ def stopped_by(signum: int, manager, state: TrainState, progress: Progress) -> T
     where = (f"saved a checkpoint at epoch {progress.epoch}, step {progress.step}; continue "
              f"with --resume" if manager else "nothing saved (no --workdir)")
     return TrainingStopped(f"{signal.Signals(signum).name}: stopped; {where}",
-                           exit_code=128 + signum)
+                           exit_code=128 + signum, together=True)
 
 
 def resume_point(run: Setup, manager: ocp.CheckpointManager | None
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         config = config_from_args(args)
-        with peers_watched(setup.start_processes(args)):
+        with peers_watched(setup.start_processes(args)), setup.stops_together():
             train(config, args.workdir, args.resume, args.overwrite, args.steps_per_call,
                   kernels=args.kernels)
 

@@ -33,11 +33,14 @@ class WorkdirError(RuntimeError):
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped early (divergence or a signal), described in one line."""
+    """Training stopped early (divergence or a signal), described in one line. `together`: every
+    process of a multi-process run stops at the same step (a signal's stop they agreed on, a
+    loss they share)."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, together: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        self.together = together
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -60,7 +63,7 @@ def diverged(loss: float, epoch: int, steps: str) -> TrainingStopped:
     """The error for a training loss that is NaN/inf or has exploded (exit status 3)."""
     return TrainingStopped(f"the training loss became {loss:.4g} in epoch {epoch} (steps "
                            f"{steps}); stopped, the last good checkpoint is kept; try a lower "
-                           f"--lr", exit_code=DIVERGED_EXIT)
+                           f"--lr", exit_code=DIVERGED_EXIT, together=True)
 
 
 def run_command(body: Callable[[], object]) -> int:

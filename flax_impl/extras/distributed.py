@@ -11,6 +11,7 @@ checkpoints with all processes taking part.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flax_impl.common.errors import DIVERGED_EXIT, ConfigError, exit_at_once, first_line
+from flax_impl.common.errors import ConfigError, TrainingStopped, exit_at_once, first_line
 from flax_impl.common.rendezvous import DEFAULT_TIMEOUT, DistributedError, wait_for_coordinator
 
 
@@ -129,27 +130,26 @@ def describe() -> str | None:
     return f"process {jax.process_index()} of {jax.process_count()}"
 
 
-def stopped_together(exit_code: int) -> bool:
-    """Whether `exit_code` ends a stop every process takes at the same chunk: a signal's
-    (128 + N; the processes agree on it) or a diverged loss (they share the loss)."""
-    return exit_code == DIVERGED_EXIT or exit_code >= 128
+@contextlib.contextmanager
+def stops_together():
+    """Around a run's training: a stop every process takes at the same step (TrainingStopped
+    with `together`: a signal's, a diverged loss) leaves jax.distributed together, a barrier of
+    all processes and then process 0's coordinator stops. Exiting at once instead, as after a
+    failure (`leave`), process 0 could take the coordinator away from a process still
+    finishing, and jax would abort that one."""
+    try:
+        yield
+    except TrainingStopped as stop:
+        if stop.together and jax.distributed.is_initialized():
+            with contextlib.suppress(Exception):  # then `leave` exits at once
+                jax.distributed.shutdown()
+        raise
 
 
 def leave(exit_code: int) -> int:
-    """Return `exit_code`, leaving a multi-process run as it ended.
-
-    A stop taken together leaves jax.distributed together (a barrier of all processes, then
-    process 0's coordinator stops): a process that ended at once could take the coordinator
-    away from another still finishing, which would then abort. Any other failure exits at once:
-    jax's exit hook would wait for processes that may be dead, then abort noisily.
-    """
-    if not exit_code or not jax.distributed.is_initialized():
-        return exit_code
-    if stopped_together(exit_code):
-        try:
-            jax.distributed.shutdown()
-            return exit_code
-        except Exception:  # a process did not come (its own failure): no more waiting
-            pass
-    exit_at_once(exit_code)
-    return exit_code  # not reached
+    """Return `exit_code`; a failed multi-process run still joined (see `stops_together`) exits
+    at once instead, since jax's exit hook would wait for the other processes (which may be
+    dead) and then abort noisily."""
+    if exit_code and jax.distributed.is_initialized():
+        exit_at_once(exit_code)
+    return exit_code
