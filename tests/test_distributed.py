@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from compare.collectives import child_env
 from flax_impl import train as flax_train
 from flax_impl.common.config import recipe_config
 from flax_impl.common.workdir import read_metrics
@@ -45,12 +46,6 @@ def free_port() -> int:
 def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-
-
-def two_devices_flags() -> str:
-    """The suite's XLA_FLAGS (its optimisation level: conftest) with two CPU devices: a run
-    compared with the suite's other runs must compile as they do."""
-    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
 
 
 def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
@@ -140,7 +135,7 @@ def test_flax_two_processes_train_as_one_process_and_resume(tiny_idx_source, tmp
     assert "Epoch" not in two[1].stderr
     two_devices = finish(start(["-m", "flax_impl.train", *flags, "--workdir",
                                 str(tmp_path / "devices")],
-                               env={"XLA_FLAGS": two_devices_flags()}))
+                               env=child_env(2)))  # the suite's XLA_FLAGS kept: same level
     assert two_devices.returncode == 0, two_devices.stderr[-3000:]
     assert flax_train.main([*flags, "--workdir", str(tmp_path / "one")]) == 0  # this process
     runs = {name: read_metrics(tmp_path / name / "metrics.jsonl")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compare.collectives import child_env
 from flax_impl import core, setup
 from flax_impl import train as flax_train
 from flax_impl.common.config import Config
@@ -257,8 +258,7 @@ print(json.dumps({"loss": abs(loss1 - loss2),
 def test_a_step_on_two_devices_is_the_step_on_one():
     """The step's sharded sums give one device's step (whole runs on two devices against one:
     tests/test_distributed.py::test_flax_two_processes_train_as_one_process_and_resume)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    result = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCRIPT], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCRIPT], cwd=ROOT, env=child_env(2),
                             check=True, capture_output=True, text=True)
     step = json.loads(result.stdout.strip().splitlines()[-1])
     assert step["loss"] < 1e-6 and step["state"] < 1e-5
