@@ -5,10 +5,12 @@ counts them). This times such a chain alone, in both frameworks over gloo: 2 jax
 processes and 2 torch ranks each run a program of `--count` all-reduces of `--floats` float32
 values, once with nothing between them (idle) and once with `--products` matrix products
 between each two (compute-bound, as in training), and the same programs without the
-all-reduces. The cost of one all-reduce is the difference divided by `--count`: under load it
-includes the wait for the other process and for the cores that the compute and gloo's threads
-share. Prints one line per framework and setting; `--json FILE` keeps them. A benchmark: it
-asserts nothing.
+all-reduces. With `--arrays K` each all-reduce reduces K arrays of `--floats` values together,
+as XLA's combined all-reduce of a step's gradients does (a tuple of arrays, which XLA:CPU
+reduces one array at a time); torch reduces them with K calls. The cost of one all-reduce is
+the difference divided by `--count`: under load it includes the wait for the other process
+and for the cores that the compute and gloo's threads share. Prints one line per framework and
+setting; `--json FILE` keeps them. A benchmark: it asserts nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def _median_seconds(run, calls: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def jax_worker(rank: int, port: int, count: int, floats: int, products: int, calls: int) -> dict:
+def jax_worker(rank: int, port: int, count: int, floats: int, products: int, calls: int,
+               arrays: int = 1) -> dict:
     """In one of 2 jax processes: {setting: median seconds per call}."""
     import jax
     import jax.numpy as jnp
@@ -55,8 +58,9 @@ def jax_worker(rank: int, port: int, count: int, floats: int, products: int, cal
         for _ in range(count):
             for _ in range(steps):
                 x = jnp.tanh(x @ weights)
-            column = x[:, :floats].sum(axis=0)  # over the rows: across processes when split
-            x = x.at[:, :floats].add(1e-3 * column if reduce else 0.0)
+            # Over the rows: across processes when split; several sums, one tuple all-reduce.
+            columns = [x[:, i * floats:(i + 1) * floats].sum(axis=0) for i in range(arrays)]
+            x = x.at[:, :arrays * floats].add(1e-3 * jnp.concatenate(columns) if reduce else 0.0)
         return x
 
     rows = np.full((ROWS, WIDTH), 0.1, np.float32)
@@ -72,7 +76,7 @@ def jax_worker(rank: int, port: int, count: int, floats: int, products: int, cal
     return found
 
 
-def torch_worker(count: int, floats: int, products: int, calls: int) -> dict:
+def torch_worker(count: int, floats: int, products: int, calls: int, arrays: int = 1) -> dict:
     """In one of 2 torch ranks (started by torch.distributed.run): {setting: seconds per call}."""
     import torch
     import torch.distributed as dist
@@ -85,10 +89,11 @@ def torch_worker(count: int, floats: int, products: int, calls: int) -> dict:
         for _ in range(count):
             for _ in range(steps):
                 x = torch.tanh(x @ weights)
-            column = x[:, :floats].sum(dim=0)
+            columns = [x[:, i * floats:(i + 1) * floats].sum(dim=0) for i in range(arrays)]
             if reduce:
-                dist.all_reduce(column)
-            x[:, :floats] += 1e-3 * column
+                for column in columns:
+                    dist.all_reduce(column)
+            x[:, :arrays * floats] += 1e-3 * torch.cat(columns)
 
     found = {}
     with torch.no_grad():
@@ -108,9 +113,10 @@ def per_all_reduce(found: dict, count: int) -> dict:
             for setting in ("idle", "between products")}
 
 
-def report(framework: str, found: dict, count: int, floats: int) -> list[str]:
+def report(framework: str, found: dict, count: int, floats: int, arrays: int = 1) -> list[str]:
     """One line per setting."""
-    return [f"{framework}: {count} all-reduces of {4 * floats} B, {setting}: "
+    size = f"{4 * floats} B" if arrays == 1 else f"{arrays} arrays of {4 * floats} B"
+    return [f"{framework}: {count} all-reduces of {size}, {setting}: "
             f"{1e6 * each:,.0f} us each (the program without them: {1e3 * rest:.1f} ms)"
             for setting, (each, rest) in per_all_reduce(found, count).items()]
 
@@ -131,16 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floats", type=int, default=32, help="float32 values each")
     parser.add_argument("--products", type=int, default=2,
                         help="matrix products between two all-reduces under load")
+    parser.add_argument("--arrays", type=int, default=1,
+                        help="arrays reduced together by each all-reduce (default: 1)")
     parser.add_argument("--calls", type=int, default=30, help="timed calls per setting")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not (0 < args.floats <= WIDTH and args.count > 0 and args.products >= 0
-            and args.calls > 0):
-        parser.error(f"--floats must be 1..{WIDTH}; --count, --calls > 0; --products >= 0")
-    shape = [str(v) for v in (args.count, args.floats, args.products, args.calls)]
+    if not (0 < args.floats and 0 < args.arrays and args.arrays * args.floats <= WIDTH
+            and args.count > 0 and args.products >= 0 and args.calls > 0):
+        parser.error(f"--arrays x --floats must be 1..{WIDTH}; --count, --calls > 0; "
+                     "--products >= 0")
+    shape = [str(v) for v in (args.count, args.floats, args.products, args.calls, args.arrays)]
     if args.worker:
         if args.worker == "jax":
             found = jax_worker(args.rank, args.port, *map(int, shape))
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(found))
         return 0
     flags = ["--count", shape[0], "--floats", shape[1], "--products", shape[2],
-             "--calls", shape[3]]
+             "--calls", shape[3], "--arrays", shape[4]]
     port = random.randint(20000, 40000)
     me = [sys.executable, "-m", "compare.all_reduce", *flags]
     found = {
@@ -162,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     lines = [machine_line("all-reduce between 2 processes").rstrip()]
     for framework, measured in found.items():
-        lines += report(framework, measured, args.count, args.floats)
+        lines += report(framework, measured, args.count, args.floats, args.arrays)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"count": args.count, "floats": args.floats,
+                                         "arrays": args.arrays,
                                          "products": args.products, **found}, indent=1) + "\n")
     return 0
 

@@ -3,11 +3,14 @@
 Compiles the jitted train chunk of one step over `--devices` CPU devices of one process (the
 program each of that many `jax.distributed` processes runs with one device each: the same
 sharded batch, the same collectives) and lists every cross-device collective XLA kept, in
-program order, with its bytes. Then a model of what they cost on a network link: a ring
-all-reduce over P processes takes 2 (P - 1) latencies and moves 2 (P - 1) / P of its bytes
-through each process's link, so a step's communication is
+program order, with its bytes and its arrays. XLA combines several all-reduces into one
+over a tuple of arrays, and XLA:CPU runs such a tuple as one all-reduce per array, one after the
+other (`AllReduceThunk` calls the communicator per buffer): over gloo each array is its own
+round of messages, so the arrays are what a step waits on. Then a model of what they cost on a
+network link: a ring all-reduce over P processes takes 2 (P - 1) latencies and moves
+2 (P - 1) / P of its bytes through each process's link, so a step's communication is
 
-    count x 2 (P - 1) x latency  +  total bytes x 2 (P - 1) / P / bandwidth.
+    arrays x 2 (P - 1) x latency  +  total bytes x 2 (P - 1) / P / bandwidth.
 
 A measurement of the program's structure, not of time: it asserts nothing about speed.
 """
@@ -28,6 +31,11 @@ ARRAY = re.compile(r"(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 BYTES = {"pred": 1, "bf16": 2}
 
 
+def array_count(shapes: str) -> int:
+    """How many arrays an HLO result type holds: 1 for 'f32[10]{0}', 2 for '(f32[10]{0}, f32[])'."""
+    return len(ARRAY.findall(shapes))
+
+
 def array_bytes(shapes: str) -> int:
     """Bytes of the arrays in an HLO result type, e.g. '(f32[10]{0}, f32[2,3]{1,0})'."""
     total = 0
@@ -46,8 +54,8 @@ TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 def collectives_of(hlo_text: str) -> list[dict]:
     """Every collective in a compiled HLO module's text, in program order: [{"op", "bytes",
-    "times"}], `times` how often one run of the module executes it (inside a loop of 9
-    iterations: 9)."""
+    "arrays", "times"}], `arrays` the arrays it reduces together (a tuple's), `times` how often
+    one run of the module executes it (inside a loop of 9 iterations: 9)."""
     parent: dict[str, tuple[str, int]] = {}  # computation -> (its caller, iterations per call)
     found, computation = [], None
     for line in hlo_text.splitlines():
@@ -64,7 +72,8 @@ def collectives_of(hlo_text: str) -> list[dict]:
                     parent[name.strip()] = (computation, count)
         match = COLLECTIVE.search(line)
         if match:
-            found.append({"op": match[2], "bytes": array_bytes(match[1]), "in": computation})
+            found.append({"op": match[2], "bytes": array_bytes(match[1]),
+                          "arrays": array_count(match[1]), "in": computation})
     for collective in found:
         times, where, seen = 1, collective.pop("in"), set()
         while where in parent and where not in seen:
@@ -106,7 +115,8 @@ def link_model(collectives: list[dict], processes: int, latency_us: float,
     """Seconds per step of `collectives` as ring all-reduces over `processes` on a link."""
     hops = 2 * (processes - 1)
     total = sum(c["bytes"] * c.get("times", 1) for c in collectives)
-    latency = sum(c.get("times", 1) for c in collectives) * hops * latency_us * 1e-6
+    messages = sum(c.get("arrays", 1) * c.get("times", 1) for c in collectives)
+    latency = messages * hops * latency_us * 1e-6
     transfer = total * hops / processes / (gbit_per_s * 1e9 / 8)
     return {"latency_s": latency, "transfer_s": transfer, "step_s": latency + transfer}
 
@@ -115,13 +125,16 @@ def report(found: dict) -> str:
     """The printed table: each collective, the totals and `found["link_model"]`."""
     collectives, model = found["collectives"], found["link_model"]
     count = sum(c["times"] for c in collectives)
+    arrays = sum(c["arrays"] * c["times"] for c in collectives)
     total = sum(c["bytes"] * c["times"] for c in collectives)
     lines = [f"{found['recipe']} recipe ({found['model']}, {found['trainable_parameters']:,} "
              f"parameters), {found['kernels']} kernels, batch {found['batch_size']} over "
              f"{found['devices']} devices: {count} collectives run per train step "
-             f"({len(collectives)} in the program), {total:,} bytes"]
-    lines += [f"  {i:2d}  {c['op']:<12} {c['bytes']:>8,} B" + (f"  x {c['times']} (in a loop)"
-                                                             if c["times"] > 1 else "")
+             f"({len(collectives)} in the program) over {arrays} arrays, {total:,} bytes; "
+             f"XLA:CPU reduces each array on its own: {arrays} all-reduces over gloo"]
+    lines += [f"  {i:2d}  {c['op']:<12} {c['bytes']:>8,} B"
+              + (f" in {c['arrays']} arrays" if c["arrays"] > 1 else "")
+              + (f"  x {c['times']} (in a loop)" if c["times"] > 1 else "")
               for i, c in enumerate(collectives, 1)]
     lines.append(f"on a {model['gbit_per_s']:g} Gbit/s link with {model['latency_us']:g} us per "
                  f"message, {model['processes']} processes (ring): "

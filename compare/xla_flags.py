@@ -2,7 +2,7 @@
 
 XLA reads `XLA_FLAGS` once, when the process starts, so each option runs in a process of its
 own, beside one without any: all of them build the product's run
-(`flax_impl.setup.setup_training`: Net, the default recipe, the default kernels) and warm up,
+(`flax_impl.setup.setup_training`: `--recipe`'s network and batch, the default kernels) and warm up,
 then each round times one jitted call of `--steps-per-call` train steps in every process in
 turn, so that all see the same machine. Reported per option: the median ms per step, the median
 over the rounds of the ratio to the process without options (above 1: the option is faster),
@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 from compare.machine import cpu_flags, machine_line
+from flax_impl.common.config import RECIPES
 
 CANDIDATES = [
     "--xla_cpu_use_onednn=true",
@@ -37,17 +38,18 @@ def default_flags() -> list[str]:
     return [flag for flag in CANDIDATES if wide or "vector_width=512" not in flag]
 
 
-def serve_steps(data_source: str, steps_per_call: int) -> None:
+def serve_steps(data_source: str, steps_per_call: int, recipe: str = "default") -> None:
     """In a child process: warm up, say so, then time one jitted call of train steps per "go"
     line on stdin (printing ms per step) until "quit" (printing the loss of the last step)."""
     import jax
     import numpy as np
 
     from compare.speed import FlaxBench
-    from flax_impl.common.config import Config
+    from flax_impl.common.config import recipe_config
     from flax_impl.common.data import load_mnist
 
-    bench = FlaxBench(load_mnist(data_source), Config(data_source=data_source), steps_per_call)
+    config = recipe_config(recipe, data_source=data_source)
+    bench = FlaxBench(load_mnist(data_source), config, steps_per_call)
     print(json.dumps({"warmup_seconds": bench.warmup_seconds}), flush=True)
     call = 0
     for line in sys.stdin:
@@ -62,12 +64,13 @@ def serve_steps(data_source: str, steps_per_call: int) -> None:
 class Child:
     """A process timing the train steps with `flag` (or none) in XLA_FLAGS, one call per ask."""
 
-    def __init__(self, flag: str | None, data_source: str, steps_per_call: int):
+    def __init__(self, flag: str | None, data_source: str, steps_per_call: int,
+                 recipe: str = "default"):
         env = {**os.environ, "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
                                                                  flag]))}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "compare.xla_flags", "--child", "--data-source", data_source,
-             "--steps-per-call", str(steps_per_call)],
+             "--steps-per-call", str(steps_per_call), "--recipe", recipe],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         self.warmup_seconds = self._read()["warmup_seconds"]
@@ -95,7 +98,7 @@ class Child:
 
 
 def compare_flags(flags: list[str], rounds: int, data_source: str,
-                  steps_per_call: int) -> dict:
+                  steps_per_call: int, recipe: str = "default") -> dict:
     """One process per flag and one without, all warmed up; then `rounds` rounds, each timing one
     call in every process in turn; the summary per flag."""
     names = ["none", *flags]
@@ -103,7 +106,7 @@ def compare_flags(flags: list[str], rounds: int, data_source: str,
     for name in names:  # started one after the other: their compilations do not overlap
         try:
             children[name] = Child(None if name == "none" else name, data_source,
-                                   steps_per_call)
+                                   steps_per_call, recipe)
         except RuntimeError as error:
             summary[name] = {"error": str(error)}
     times = {name: [] for name in children}
@@ -119,7 +122,7 @@ def compare_flags(flags: list[str], rounds: int, data_source: str,
     return {name: summary[name] for name in names}
 
 
-def report(summary: dict, rounds: int) -> str:
+def report(summary: dict, rounds: int, recipe: str = "default") -> str:
     """The table: one row per option."""
     lines = [f"{'XLA_FLAGS':<48} {'ms/step':>8} {'speed-up':>9} {'compile':>8}  loss after",
              "-" * 90]
@@ -133,7 +136,8 @@ def report(summary: dict, rounds: int) -> str:
     lines += ["", f"speed-up: the median over {rounds} rounds of (ms/step without options) / "
                   f"(ms/step with the option), the processes timed in turn in each round; "
                   "above 1: the option is faster."]
-    return machine_line("python -m compare.xla_flags") + "\n".join(lines)
+    command = "python -m compare.xla_flags" + ("" if recipe == "default" else f" --recipe {recipe}")
+    return machine_line(command) + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,17 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="timed calls per process")
     parser.add_argument("--steps-per-call", type=int, default=39)
     parser.add_argument("--data-source", default="auto")
+    parser.add_argument("--recipe", choices=RECIPES, default="default",
+                        help="the recipe whose network and batch are timed")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.rounds, args.steps_per_call) <= 0:
         parser.error("--rounds and --steps-per-call must be > 0")
     if args.child:
-        serve_steps(args.data_source, args.steps_per_call)
+        serve_steps(args.data_source, args.steps_per_call, args.recipe)
         return 0
     summary = compare_flags(args.flags or default_flags(), args.rounds, args.data_source,
-                            args.steps_per_call)
-    print(report(summary, args.rounds))
+                            args.steps_per_call, args.recipe)
+    print(report(summary, args.rounds, args.recipe))
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"rounds": args.rounds, "machine": machine_line("compare.xla_flags").strip(),

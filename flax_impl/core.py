@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from jax.sharding import NamedSharding
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flax_impl.augment import random_rotate, rotate
 from flax_impl.common.config import Config
@@ -182,10 +184,35 @@ def nll_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: float = 0
     return nll.mean()
 
 
-def make_train_step(config: Config, rotate_fn: Callable = rotate):
+def value_and_grad_over(loss_fn: Callable, mesh: Mesh, axis: str = "data") -> Callable:
+    """`jax.value_and_grad(loss_fn, has_aux=True)` for `loss_fn(params, batch_stats, inputs,
+    labels, key)` whose inputs and labels are spread over the devices of `mesh`'s `axis`.
+
+    Inside `jax.shard_map` each device differentiates the mean loss of its rows (the model's
+    BatchNorm and dropout see the whole batch through `axis`); then the gradients and the loss
+    cross the devices in one all-reduce of one flat buffer. XLA, left to split the step itself,
+    reduces the gradients as a tuple of arrays, which XLA:CPU runs as one all-reduce per array.
+    """
+
+    def local(params, batch_stats, inputs, labels, key):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch_stats, inputs, labels, key)
+        flat, unflatten = ravel_pytree((grads, loss))
+        # Each device's loss is the mean of its equal share: the batch's mean is their mean.
+        grads, loss = unflatten(jax.lax.psum(flat, axis) / jax.lax.psum(1, axis))
+        return (loss, aux), grads
+
+    split, whole = P(axis), P()
+    return jax.shard_map(local, mesh=mesh, in_specs=(whole, whole, split, split, whole),
+                         out_specs=whole, check_vma=False)
+
+
+def make_train_step(config: Config, rotate_fn: Callable = rotate, mesh: Mesh | None = None):
     """The pure train step of `config`: (state, (images, labels), key) -> (state, metrics).
 
-    Images are uint8 (B, 28, 28); `rotate_fn` is `augment.rotate` or a drop-in.
+    Images are uint8 (B, 28, 28); `rotate_fn` is `augment.rotate` or a drop-in. `mesh`: for a
+    model built to train each device's share of the batch (its `batch_axis`), the devices
+    (`value_and_grad_over`); None: one program that XLA splits over the batch's devices.
     """
 
     def train_step(state: TrainState, batch, key: jax.Array):
@@ -194,14 +221,18 @@ def make_train_step(config: Config, rotate_fn: Callable = rotate):
         inputs = to_inputs(images, lambda pixels: random_rotate(
             pixels, config.max_rotation, rotate_key, rotate_fn))
 
-        def loss_fn(params):
+        def loss_fn(params, batch_stats, inputs, labels, dropout_key):
             log_probs, updates = state.apply_fn(
-                variables_of(state.replace(params=params)), inputs, train=True,
+                variables_of(state.replace(params=params, batch_stats=batch_stats)), inputs,
+                train=True,
                 rngs={"dropout": dropout_key}, mutable=["batch_stats"])
             loss = nll_loss(log_probs, labels, config.label_smoothing)
             return loss, updates.get("batch_stats", {})
 
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        differentiate = (jax.value_and_grad(loss_fn, has_aux=True) if mesh is None
+                         else value_and_grad_over(loss_fn, mesh))
+        (loss, batch_stats), grads = differentiate(state.params, state.batch_stats, inputs,
+                                                   labels, dropout_key)
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
         if config.ema_decay:
             new_state = new_state.replace(ema_params=update_ema(

@@ -60,12 +60,15 @@ def conv3x3(conv: ModuleDef, features: int, in_features: int, padding: int = 0,
 
 def batch_normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`x` normalised with its batch statistics over all axes but the last, then scaled and
-    shifted: (normalised x, batch mean, biased batch variance)."""
+    """`x` normalised with its batch statistics over all axes but the last (the biased
+    variance, as torch trains), then scaled and shifted: (normalised x, batch mean, unbiased
+    batch variance, what torch's running average keeps)."""
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axes)
     var = jnp.square(x - mean).mean(axes)
-    return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+    count = x.size // x.shape[-1]
+    y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+    return y, mean, var * count / (count - 1)
 
 
 class BatchNorm(nn.Module):
@@ -92,22 +95,35 @@ class BatchNorm(nn.Module):
         if train:
             y, mean, var = self.normalize(x, scale, bias, self.epsilon)
             if not self.is_initializing():
-                count = x.size // features
                 running_mean.value += self.momentum * (mean - running_mean.value)
-                running_var.value += self.momentum * (var * count / (count - 1) - running_var.value)
+                running_var.value += self.momentum * (var - running_var.value)
             return y
         mean, var = running_mean.value, running_var.value
         return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
 
 
+def whole_batch_dropout(dropout: Callable, x: jax.Array, rate: float, batch_axis: str
+                        ) -> jax.Array:
+    """Channel `dropout` (a Dropout with `rate` dropping whole feature maps, called on an
+    array) of this device's rows of a batch spread over the devices of `batch_axis`, inside
+    `jax.shard_map`: the whole batch's mask, drawn as one device draws it (B * C numbers), and
+    this device's rows of it, so that the devices train as one."""
+    rows, devices = x.shape[0], jax.lax.psum(1, batch_axis)
+    kept = dropout(jnp.ones((rows * devices, 1, 1, x.shape[-1]), x.dtype))
+    mine = jax.lax.dynamic_slice_in_dim(kept, jax.lax.axis_index(batch_axis) * rows, rows)
+    return jnp.where(mine != 0, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 class ConvBlock(nn.Module):
-    """3x3 convolution (no bias) -> BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
+    """3x3 convolution (no bias) -> BatchNorm -> ReLU -> channel dropout (whole feature maps).
+    `batch_axis`: see `Net`."""
 
     in_features: int
     features: int
     dropout: float
     conv: ModuleDef = nn.Conv
     normalize: Callable = batch_normalize
+    batch_axis: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -116,7 +132,11 @@ class ConvBlock(nn.Module):
         # Dropping whole channels (torch's Dropout2d) draws B*C random numbers instead of B*H*W*C:
         # random bits are slow on XLA:CPU.
         dropout = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)
-        return dropout(x) if self.dropout else x
+        if not (self.dropout and train):
+            return x
+        if self.batch_axis is None:
+            return dropout(x)
+        return whole_batch_dropout(dropout, x, self.dropout, self.batch_axis)
 
 
 class Net(nn.Module):
@@ -124,7 +144,9 @@ class Net(nn.Module):
 
     Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
     `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower and wider
-    (the model table, `flax_impl.common.models`).
+    (the model table, `flax_impl.common.models`). `batch_axis`: applied inside `jax.shard_map`
+    to this device's rows of a batch spread over that mesh axis, the dropout masks are the whole
+    batch's (and `normalize` must normalise over the whole batch too).
     """
 
     dropout: float = 0.05
@@ -132,10 +154,12 @@ class Net(nn.Module):
     conv: ModuleDef = nn.Conv
     max_pool: Callable = nn.max_pool
     normalize: Callable = batch_normalize
+    batch_axis: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        block = functools.partial(ConvBlock, conv=self.conv, normalize=self.normalize)
+        block = functools.partial(ConvBlock, conv=self.conv, normalize=self.normalize,
+                                  batch_axis=self.batch_axis)
         w1, w2, w3, w4, w5, w6 = self.widths
         x = block(1, w1, self.dropout, name="block1")(x, train)
         x = block(w1, w2, self.dropout, name="block2")(x, train)
@@ -181,11 +205,13 @@ class SeedNet(nn.Module):
 
 def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | None = None,
                  conv: ModuleDef = nn.Conv, max_pool: Callable = nn.max_pool,
-                 normalize: Callable = batch_normalize) -> nn.Module:
+                 normalize: Callable = batch_normalize, batch_axis: str | None = None
+                 ) -> nn.Module:
     """Model `name` of the table (`flax_impl.common.models`), at `widths` (default: its own),
     with the convolution, pooling and batch normalisation given (default: `nn.Conv`,
-    `nn.max_pool`, `batch_normalize`)."""
+    `nn.max_pool`, `batch_normalize`); `batch_axis`: see `Net`."""
     family, widths = model_spec(name).family, model_widths(name, widths)
     if family == "seednet":  # no dropout or BatchNorm
         return SeedNet(widths=widths, conv=conv, max_pool=max_pool)
-    return Net(dropout=dropout, widths=widths, conv=conv, max_pool=max_pool, normalize=normalize)
+    return Net(dropout=dropout, widths=widths, conv=conv, max_pool=max_pool, normalize=normalize,
+               batch_axis=batch_axis)

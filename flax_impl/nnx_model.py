@@ -16,6 +16,7 @@ core (`flax_impl.core`) trains it unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from flax import nnx
 from flax.core.scope import LazyRng
 
 from flax_impl.common.models import MODELS, model_spec, model_widths
-from flax_impl.model import batch_normalize, torch_default_bias_init, torch_default_init
+from flax_impl.model import batch_normalize, torch_default_bias_init, torch_default_init, whole_batch_dropout
 
 
 def linen_key(key: jax.Array, *path: str | int) -> jax.Array:
@@ -69,9 +70,8 @@ class BatchNorm(nnx.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if train:
             y, mean, var = self.normalize(x, self.scale[...], self.bias[...], self.epsilon)
-            count = x.size // x.shape[-1]
             self.mean[...] += self.momentum * (mean - self.mean[...])
-            self.var[...] += self.momentum * (var * count / (count - 1) - self.var[...])
+            self.var[...] += self.momentum * (var - self.var[...])
             return y
         mean, var = self.mean[...], self.var[...]
         return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
@@ -82,31 +82,37 @@ class ConvBlock(nnx.Module):
 
     def __init__(self, in_features: int, features: int, dropout: float, key: jax.Array,
                  name: str, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
-                 normalize: Callable = batch_normalize):
+                 normalize: Callable = batch_normalize, batch_axis: str | None = None):
         self.conv = conv3x3(in_features, features, key, (name, "conv"), use_bias=False,
                             conv_general_dilated=conv_general_dilated)
         self.bn = BatchNorm(features, normalize=normalize)
         self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2)) if dropout else None
-        self.name = name
+        self.name, self.batch_axis = name, batch_axis
 
     def __call__(self, x: jax.Array, train: bool, dropout_key: jax.Array | None) -> jax.Array:
         x = nnx.relu(self.bn(self.conv(x), train))
         if self.dropout is None or not train:
             return x
         # linen's nn.Dropout inside block N is module "Dropout_0" of "blockN": its first key
-        return self.dropout(x, deterministic=False,
-                            rngs=linen_key(dropout_key, self.name, "Dropout_0", 1))
+        dropout = functools.partial(self.dropout, deterministic=False,
+                                    rngs=linen_key(dropout_key, self.name, "Dropout_0", 1))
+        if self.batch_axis is None:
+            return dropout(x)
+        return whole_batch_dropout(dropout, x, self.dropout.rate, self.batch_axis)
 
 
 class Net(nnx.Module):
     """Our sub-20k CNN, as `flax_impl.model.Net`: six 3x3 conv blocks, one max-pool, global
-    average pooling, a linear head. `widths`: the blocks' channels (the model table)."""
+    average pooling, a linear head. `widths`: the blocks' channels (the model table);
+    `batch_axis`: as `flax_impl.model.Net`'s."""
 
     def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths, *,
                  key: jax.Array, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
-                 max_pool: Callable = nnx.max_pool, normalize: Callable = batch_normalize):
+                 max_pool: Callable = nnx.max_pool, normalize: Callable = batch_normalize,
+                 batch_axis: str | None = None):
         w1, w2, w3, w4, w5, w6 = widths
-        convs = dict(key=key, conv_general_dilated=conv_general_dilated, normalize=normalize)
+        convs = dict(key=key, conv_general_dilated=conv_general_dilated, normalize=normalize,
+                     batch_axis=batch_axis)
         self.block1 = ConvBlock(1, w1, dropout, name="block1", **convs)
         self.block2 = ConvBlock(w1, w2, dropout, name="block2", **convs)
         self.block3 = ConvBlock(w2, w3, dropout, name="block3", **convs)
@@ -158,8 +164,8 @@ class SeedNet(nnx.Module):
 
 def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | None = None, *,
                  key: jax.Array, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
-                 max_pool: Callable = nnx.max_pool, normalize: Callable = batch_normalize
-                 ) -> nnx.Module:
+                 max_pool: Callable = nnx.max_pool, normalize: Callable = batch_normalize,
+                 batch_axis: str | None = None) -> nnx.Module:
     """NNX model `name` of the table at `widths`, initialised from `key` as linen's `init(key)`
     initialises `flax_impl.model.create_model(name, ...)`."""
     family, widths = model_spec(name).family, model_widths(name, widths)
@@ -167,7 +173,7 @@ def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | Non
         return SeedNet(widths, key=key, conv_general_dilated=conv_general_dilated,
                        max_pool=max_pool)
     return Net(dropout, widths, key=key, conv_general_dilated=conv_general_dilated,
-               max_pool=max_pool, normalize=normalize)
+               max_pool=max_pool, normalize=normalize, batch_axis=batch_axis)
 
 
 def split_variables(model: nnx.Module) -> dict:

@@ -117,7 +117,7 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
         raise ConfigError(f"--batch-size {config.batch_size} and the eval batch size must "
                           f"divide evenly over {mesh.size} devices")
     replicated = NamedSharding(mesh, P())
-    kernels = get_kernels(kernels, batch_groups=mesh.size)
+    kernels = get_kernels(kernels, batch_axis="data" if mesh.size > 1 else None)
     total_steps = config.epochs * steps
     built = programs(program_key(config), total_steps, kernels, mesh)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
@@ -167,7 +167,8 @@ def programs(config: Config, total_steps: int, kernels: Kernels, mesh: Mesh) -> 
     rows = NamedSharding(mesh, P(None, "data"))  # each device gets its share of a batch's rows
     model = build_model(config, kernels)
     tx = create_optimizer(config, total_steps)
-    train_step = make_train_step(config, kernels.rotate)
+    train_step = make_train_step(config, kernels.rotate,
+                                 mesh if kernels.batch_axis is not None else None)
     return Programs(
         model=model, init=jit_init(initial_state(model, tx, bool(config.ema_decay))),
         train_step=train_step,
@@ -188,9 +189,10 @@ def build_model(config: Config, kernels: str | Kernels = "auto") -> nn.Module | 
         return nnx_model.SplitModel.of(functools.partial(
             nnx_model.create_model, config.model, config.dropout, config.widths,
             conv_general_dilated=chosen.conv_general_dilated, max_pool=chosen.max_pool,
-            normalize=chosen.batch_normalize))
+            normalize=chosen.batch_normalize, batch_axis=chosen.batch_axis))
     return create_model(config.model, config.dropout, config.widths, conv=chosen.conv,
-                        max_pool=chosen.max_pool, normalize=chosen.batch_normalize)
+                        max_pool=chosen.max_pool, normalize=chosen.batch_normalize,
+                        batch_axis=chosen.batch_axis)
 
 
 def describe_kernels(kernels: str | Kernels) -> str:

@@ -338,10 +338,11 @@ def test_processes_starts_two_jax_processes_against_one_and_torchrun(tmp_path):
 def test_all_reduce_times_both_frameworks_with_and_without_load(tmp_path, capsys):
     out = tmp_path / "all_reduce.json"
     assert all_reduce.main(["--count", "3", "--floats", "8", "--products", "1", "--calls", "2",
-                            "--json", str(out)]) == 0
+                            "--arrays", "2", "--json", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(",")[0] for line in lines[1:]] == ["jax: 3 all-reduces of 32 B"] * 2 + [
-        "torch: 3 all-reduces of 32 B"] * 2
+    assert [line.split(",")[0] for line in lines[1:]] == [
+        "jax: 3 all-reduces of 2 arrays of 32 B"] * 2 + [
+        "torch: 3 all-reduces of 2 arrays of 32 B"] * 2
     found = json.loads(out.read_text())
     for framework in ("jax", "torch"):
         assert set(found[framework]) == {f"{setting}, {name}" for setting in (
@@ -350,9 +351,11 @@ def test_all_reduce_times_both_frameworks_with_and_without_load(tmp_path, capsys
 
 
 def test_all_reduce_bad_sizes_are_one_line(capsys):
-    with pytest.raises(SystemExit) as stop:
-        all_reduce.main(["--floats", "0"])
-    assert stop.value.code == 2 and "--floats must be 1..256" in capsys.readouterr().err
+    for flags in (["--floats", "0"], ["--arrays", "2", "--floats", "129"]):
+        with pytest.raises(SystemExit) as stop:
+            all_reduce.main(flags)
+        assert stop.value.code == 2
+        assert "--arrays x --floats must be 1..256" in capsys.readouterr().err
 
 
 LOOPED_HLO = """\
@@ -372,16 +375,22 @@ backend_config={"known_trip_count":{"n":"9"}}
 
 def test_collectives_are_counted_with_the_loops_that_repeat_them():
     assert collectives.collectives_of(LOOPED_HLO) == [
-        {"op": "all-reduce", "bytes": 16, "times": 9},
-        {"op": "all-reduce", "bytes": 28, "times": 1}]
+        {"op": "all-reduce", "bytes": 16, "arrays": 1, "times": 9},
+        {"op": "all-reduce", "bytes": 28, "arrays": 2, "times": 1}]
     model = collectives.link_model([{"op": "all-reduce", "bytes": 1250, "times": 4}],
                                    processes=2, latency_us=50, gbit_per_s=10)
     # 4 messages x 2 hops x 50 us; 4 x 1250 bytes x 2 hops / 2 processes at 1.25 GB/s
     assert model["latency_s"] == pytest.approx(4e-4) and model["transfer_s"] == pytest.approx(4e-6)
+    # A tuple all-reduce of 3 arrays runs as 3 all-reduces on XLA:CPU: 3 rounds of messages.
+    tuple_model = collectives.link_model(
+        [{"op": "all-reduce", "bytes": 1250, "arrays": 3, "times": 4}], processes=2,
+        latency_us=50, gbit_per_s=10)
+    assert tuple_model["latency_s"] == pytest.approx(3 * 4e-4)
+    assert tuple_model["transfer_s"] == pytest.approx(4e-6)
 
 
 @pytest.mark.slow
-def test_collectives_of_a_step_reduce_every_gradient(tmp_path, capsys):
+def test_collectives_of_a_step_reduce_every_gradient(tmp_path, capfd):
     out = tmp_path / "collectives.json"
     assert collectives.main(["--recipe", "tinynet", "--json", str(out)]) == 0  # a new process
     found = json.loads(out.read_text())
@@ -389,9 +398,14 @@ def test_collectives_of_a_step_reduce_every_gradient(tmp_path, capsys):
     reduced = sum(c["bytes"] * c["times"] for c in found["collectives"])
     assert reduced >= 4 * found["trainable_parameters"]  # each float32 gradient, at least
     # The CPU kernels on a split batch: no collective inside a loop, one all-reduce per
-    # BatchNorm layer each way and one for the gradients.
+    # BatchNorm layer each way and one for the gradients and the loss, each of one array (gloo
+    # reduces each array of a tuple on its own).
     assert found["kernels"] == "fast" and all(c["times"] == 1 for c in found["collectives"])
     assert len(found["collectives"]) == 2 * 6 + 1
+    assert all(c["arrays"] == 1 for c in found["collectives"])
+    assert found["collectives"][-1]["bytes"] == 4 * (found["trainable_parameters"] + 1)
+    assert "13 collectives run per train step (13 in the program) over 13 arrays" in \
+        capfd.readouterr().out
     assert found["link_model"]["step_s"] > 0
 
 

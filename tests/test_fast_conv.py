@@ -58,12 +58,3 @@ def test_unsupported_convolutions_fall_back_to_lax():
     reference, fast = loss_pair("VALID", strides=(2, 2))
     # Un-jitted: the fallback also runs operation by operation.
     np.testing.assert_allclose(jax.grad(fast, 1)(x, w), jax.grad(reference, 1)(x, w), rtol=1e-5)
-
-
-@pytest.mark.parametrize("batch_groups", [2, 4, 3])  # 3 does not divide the batch: one group
-def test_a_kernel_gradient_summed_per_group_of_examples_is_the_same(batch_groups):
-    x, w = normal(0, (4, 10, 10, 6)), normal(1, (3, 3, 6, 5))
-    reference, fast = loss_pair("VALID", batch_groups=batch_groups)
-    for got, want in zip(*(jax.jit(jax.grad(f, (0, 1)))(x, w) for f in (fast, reference)),
-                         strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

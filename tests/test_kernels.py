@@ -40,21 +40,24 @@ def test_stock_kernels_are_plain_flax_and_fast_ones_are_the_cpu_kernels():
     stock, quick = build("net", kernels="stock"), build("net", kernels="fast")
     assert stock.conv is nn.Conv and stock.max_pool is nn.max_pool
     conv = quick.conv.keywords["conv_general_dilated"]
-    assert conv.func is fast.conv_general_dilated and conv.keywords == {"batch_groups": 1}
+    assert conv is fast.conv_general_dilated
     assert quick.max_pool is fast.max_pool and FAST.rotate is fast.rotate
     assert quick.normalize is STOCK.batch_normalize is batch_normalize  # one device: stock
 
 
-def test_a_batch_split_over_devices_gets_kernels_that_reduce_it_once_a_layer_each_way():
-    split = get_kernels("fast", batch_groups=2)
-    assert split.conv_general_dilated.keywords == {"batch_groups": 2}
-    assert split.batch_normalize is fast.batch_normalize
-    assert get_kernels("fast", batch_groups=2) is split  # one Kernels per split: one program
-    assert get_kernels("stock", batch_groups=2) is STOCK
-    mesh = setup.setup_training(Config(batch_size=64, eval_batch_size=64),
-                                synthetic_mnist(128, 64), devices=jax.devices()[:1],
-                                kernels="fast")
-    assert mesh.kernels is FAST
+def test_a_batch_spread_over_devices_gets_kernels_that_train_each_share():
+    split = get_kernels("fast", batch_axis="data")
+    assert split.batch_axis == "data" and split.conv_general_dilated is fast.conv_general_dilated
+    normalize = split.batch_normalize
+    assert normalize.func is fast.batch_normalize and normalize.keywords == {"axis_name": "data"}
+    assert get_kernels("fast", batch_axis="data") is split  # one Kernels per split: one program
+    assert get_kernels("stock", batch_axis="data") is STOCK and FAST.batch_axis is None
+    model = setup.build_model(Config(), split)
+    assert model.batch_axis == "data" and model.normalize is normalize
+    run = setup.setup_training(Config(batch_size=64, eval_batch_size=64),
+                               synthetic_mnist(128, 64), devices=jax.devices()[:1],
+                               kernels="fast")
+    assert run.kernels is FAST  # one device: the program XLA splits, as ever
 
 
 def model_loss_and_grads(name: str, kernels: str, dtype) -> tuple:

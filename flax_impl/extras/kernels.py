@@ -29,30 +29,36 @@ KERNELS = ("auto", "stock", "fast")
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """The implementations of the operations that have a CPU kernel."""
+    """The implementations of the operations that have a CPU kernel, and `batch_axis`: the
+    mesh axis each device's share of the batch is trained over inside `jax.shard_map` (None:
+    the jitted step is split by XLA; `flax_impl.core.make_train_step`)."""
 
     conv: Any = nn.Conv  # a ModuleDef: called like nn.Conv
     max_pool: Callable = nn.max_pool
     rotate: Callable = augment.rotate
     conv_general_dilated: Callable = jax.lax.conv_general_dilated  # what `nnx.Conv` takes
     batch_normalize: Callable = batch_normalize  # what both models' BatchNorm trains with
+    batch_axis: str | None = None
 
 
 STOCK = Kernels()
 
 
 @functools.cache
-def fast_kernels(batch_groups: int = 1) -> Kernels:
-    """The CPU kernels of `flax_impl.extras.fast`, for a batch split over `batch_groups`
-    devices: then the convolution's kernel gradient crosses devices once per layer, and
-    BatchNorm sums the batch once each way (`fast.batch_normalize`)."""
-    conv = functools.partial(fast.conv_general_dilated, batch_groups=batch_groups)
+def fast_kernels(batch_axis: str | None = None) -> Kernels:
+    """The CPU kernels of `flax_impl.extras.fast`; with `batch_axis`, for a batch spread over
+    that mesh axis's devices: each device trains on its share inside `jax.shard_map`, BatchNorm
+    sums the whole batch once each way (`fast.batch_normalize`), and the gradients cross the
+    devices in one flat buffer (gloo reduces each array of an all-reduce on its own)."""
+    conv = fast.conv_general_dilated
+    normalize = (batch_normalize if batch_axis is None
+                 else functools.partial(fast.batch_normalize, axis_name=batch_axis))
     return Kernels(conv=functools.partial(nn.Conv, conv_general_dilated=conv),
                    max_pool=fast.max_pool, rotate=fast.rotate, conv_general_dilated=conv,
-                   batch_normalize=fast.batch_normalize if batch_groups > 1 else batch_normalize)
+                   batch_normalize=normalize, batch_axis=batch_axis)
 
 
-FAST = fast_kernels(1)
+FAST = fast_kernels(None)  # as `get_kernels` asks for it: the same cached Kernels
 
 
 def resolve(kernels: str, backend: str | None = None) -> str:
@@ -64,9 +70,9 @@ def resolve(kernels: str, backend: str | None = None) -> str:
     return kernels
 
 
-def get_kernels(kernels: str | Kernels = "auto", batch_groups: int = 1) -> Kernels:
-    """The Kernels a name stands for (on this backend), for a batch split over `batch_groups`
-    devices; a Kernels is returned as it is."""
+def get_kernels(kernels: str | Kernels = "auto", batch_axis: str | None = None) -> Kernels:
+    """The Kernels a name stands for (on this backend), for a batch spread over the mesh axis
+    `batch_axis` (None: one device); a Kernels is returned as it is."""
     if isinstance(kernels, Kernels):
         return kernels
-    return fast_kernels(batch_groups) if resolve(kernels) == "fast" else STOCK
+    return fast_kernels(batch_axis) if resolve(kernels) == "fast" else STOCK

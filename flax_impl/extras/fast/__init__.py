@@ -4,7 +4,7 @@
 - `max_pool`: for `nn.max_pool`, a reshape-and-max with an element-wise backward;
 - `rotate`: for `flax_impl.augment.rotate`, bilinear rotation by shifted copies (no gather);
 - `batch_normalize`: for `flax_impl.model.batch_normalize`, one sum over the batch each way (for
-  a batch split over devices: one all-reduce each way).
+  a batch spread over devices, inside `jax.shard_map`: one all-reduce each way).
 
 Each equals the stock operation to float rounding, values and gradients (tests/test_fast_*.py).
 They are chosen by construction (`flax_impl.extras.kernels`), never patched in; on GPU/TPU the stock

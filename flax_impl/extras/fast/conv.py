@@ -57,55 +57,38 @@ def _forward(x: jax.Array, kernel: jax.Array, im2col_channels: int):
     return out, None
 
 
-def _kernel_grad_per_tap(x: jax.Array, flat_grad: jax.Array, height: int, width: int,
-                         batch_groups: int = 1):
+def _kernel_grad_per_tap(x: jax.Array, flat_grad: jax.Array, height: int, width: int):
     """(taps, C_in, C_out): one (C_in, N) @ (N, C_out) product per tap, in a loop over the taps.
 
     Not one product over the im2col matrix: XLA:CPU's concatenation of columns C_in wide costs
     more than it saves. A loop, not nine unrolled slices: XLA fuses whatever computed `x`
     (BatchNorm, ReLU, dropout) into each slice and recomputes it nine times; a loop's operand is
     materialised once, and each window is a plain copy.
-
-    With `batch_groups` G > 1 the loop keeps one partial product per group of B / G examples
-    and sums the groups after it: with the batch split over G devices, each device's partial
-    stays its own in the loop, and the cross-device sum is one all-reduce per convolution
-    rather than one per tap.
     """
     batch, in_height, in_width, in_features = x.shape
-    groups = batch_groups if batch_groups > 1 and batch % batch_groups == 0 else 1
     window_shape = (batch, in_height - height + 1, in_width - width + 1, in_features)
-    out_features = flat_grad.shape[-1]
-    grouped_grad = flat_grad.reshape(groups, -1, out_features)
 
     def add_tap(tap, grad_kernel):
         window = lax.dynamic_slice(x, (0, tap // width, tap % width, 0), window_shape)
-        if groups == 1:
-            return grad_kernel.at[tap].set(window.reshape(-1, in_features).T @ flat_grad)
-        partial = jnp.einsum("gnc,gno->gco", window.reshape(groups, -1, in_features),
-                             grouped_grad)
-        return grad_kernel.at[tap].set(partial)
+        return grad_kernel.at[tap].set(window.reshape(-1, in_features).T @ flat_grad)
 
-    shape = (height * width, in_features, out_features)
-    if groups == 1:
-        return lax.fori_loop(0, height * width, add_tap, jnp.zeros(shape, x.dtype))
-    grad_kernel = jnp.zeros((height * width, groups, in_features, out_features), x.dtype)
-    return lax.fori_loop(0, height * width, add_tap, grad_kernel).sum(axis=1)
+    shape = (height * width, in_features, flat_grad.shape[-1])
+    return lax.fori_loop(0, height * width, add_tap, jnp.zeros(shape, x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_valid(x: jax.Array, kernel: jax.Array, im2col_channels: int = IM2COL_CHANNELS,
-               batch_groups: int = 1) -> jax.Array:
-    """Stride-1 'VALID' convolution of NHWC `x` with an HWIO `kernel`; `batch_groups`: see
-    `conv_general_dilated`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_valid(x: jax.Array, kernel: jax.Array, im2col_channels: int = IM2COL_CHANNELS
+               ) -> jax.Array:
+    """Stride-1 'VALID' convolution of NHWC `x` with an HWIO `kernel`."""
     return _forward(x, kernel, im2col_channels)[0]
 
 
-def _conv_valid_fwd(x, kernel, im2col_channels, batch_groups):
+def _conv_valid_fwd(x, kernel, im2col_channels):
     out, patches = _forward(x, kernel, im2col_channels)
     return out, (x, kernel, patches)
 
 
-def _conv_valid_bwd(im2col_channels, batch_groups, residuals, grad_out):
+def _conv_valid_bwd(im2col_channels, residuals, grad_out):
     x, kernel, patches = residuals
     height, width, in_features, out_features = kernel.shape
     flat_grad = grad_out.reshape(-1, out_features)
@@ -114,7 +97,7 @@ def _conv_valid_bwd(im2col_channels, batch_groups, residuals, grad_out):
         # nine thin products with C_in = 1.
         grad_kernel = patches.T @ flat_grad
     else:
-        grad_kernel = _kernel_grad_per_tap(x, flat_grad, height, width, batch_groups)
+        grad_kernel = _kernel_grad_per_tap(x, flat_grad, height, width)
     # Input gradient: full convolution of the output gradient with the flipped kernel.
     padded = jnp.pad(grad_out, ((0, 0), (height - 1, height - 1), (width - 1, width - 1), (0, 0)))
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
@@ -140,13 +123,10 @@ def _explicit_padding(padding, kernel_shape) -> tuple[tuple[int, int], ...] | No
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
-                         im2col_channels: int = IM2COL_CHANNELS, batch_groups: int = 1,
-                         **options):
+                         im2col_channels: int = IM2COL_CHANNELS, **options):
     """`lax.conv_general_dilated` with a fast backward pass for stride-1 NHWC convolutions.
 
     Inputs with at most `im2col_channels` channels take the im2col path (0 turns it off).
-    `batch_groups`: the devices the batch is split over (a divisor of the batch), so that the
-    kernel gradient's sum over the batch crosses devices once per convolution.
     Other keywords of `lax.conv_general_dilated` (`nnx.Conv` passes `out_sharding`) are passed
     on; given a value, they take the plain convolution.
     """
@@ -167,4 +147,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         **options)
     if any(p for pair in explicit for p in pair):
         lhs = jnp.pad(lhs, ((0, 0), *explicit, (0, 0)))
-    return conv_valid(lhs, rhs, im2col_channels, batch_groups)
+    return conv_valid(lhs, rhs, im2col_channels)
