@@ -168,12 +168,13 @@ def test_xla_flags_times_each_option_in_its_own_process(tiny_idx_source, tmp_pat
     out = tmp_path / "flags.json"
     assert xla_flags.main(["--flag=--xla_cpu_use_thunk_runtime=false", "--rounds", "2",
                            "--steps-per-call", "2", "--data-source", tiny_idx_source,
-                           "--json", str(out)]) == 0
+                           "--recipe", "tinynet", "--json", str(out)]) == 0
     options = json.loads(out.read_text())["options"]
     assert list(options) == ["none", "--xla_cpu_use_thunk_runtime=false"]
     assert options["none"]["speedup"] == 1.0 and options["none"]["supported"]
     assert not options["--xla_cpu_use_thunk_runtime=false"]["supported"]  # XLA ignores it now
-    assert "no longer supported" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no longer supported" in printed and "compare.xla_flags --recipe tinynet" in printed
 
 
 def test_flop_count_agrees_with_torchs_flop_counter():
