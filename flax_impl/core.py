@@ -184,15 +184,18 @@ def nll_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: float = 0
     return nll.mean()
 
 
-def value_and_grad_over(loss_fn: Callable, mesh: Mesh, axis: str = "data") -> Callable:
+def value_and_grad_over(loss_fn: Callable, mesh: Mesh) -> Callable:
     """`jax.value_and_grad(loss_fn, has_aux=True)` for `loss_fn(params, batch_stats, inputs,
-    labels, key)` whose inputs and labels are spread over the devices of `mesh`'s `axis`.
+    labels, key)` whose inputs and labels are spread over the devices of the 1-D `mesh` (its
+    axis is the model's `batch_axis`).
 
     Inside `jax.shard_map` each device differentiates the mean loss of its rows (the model's
     BatchNorm and dropout see the whole batch through `axis`); then the gradients and the loss
     cross the devices in one all-reduce of one flat buffer. XLA, left to split the step itself,
     reduces the gradients as a tuple of arrays, which XLA:CPU runs as one all-reduce per array.
     """
+
+    (axis,) = mesh.axis_names
 
     def local(params, batch_stats, inputs, labels, key):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(

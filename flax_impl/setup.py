@@ -117,7 +117,7 @@ def setup_training(config: Config, data: Mnist, *, devices: list | None = None,
         raise ConfigError(f"--batch-size {config.batch_size} and the eval batch size must "
                           f"divide evenly over {mesh.size} devices")
     replicated = NamedSharding(mesh, P())
-    kernels = get_kernels(kernels, batch_axis="data" if mesh.size > 1 else None)
+    kernels = get_kernels(kernels, batch_axis=mesh.axis_names[0] if mesh.size > 1 else None)
     total_steps = config.epochs * steps
     built = programs(program_key(config), total_steps, kernels, mesh)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
