@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from compare.machine import machine_line
+from compare.host import machine_line
 from flax_impl.common.config import RECIPES
 from flax_impl.common.workdir import read_metrics
 

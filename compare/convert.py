@@ -21,23 +21,49 @@ key and shape is checked against the target model; anything wrong or missing is 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx, traverse_util
 
+from compare import seednet
 from flax_impl import nnx_model
+from flax_impl.common.models import MODELS
 from flax_impl.model import create_model as create_flax_model
 from torch_ref.model import create_model as create_torch_model
+
+MODEL_NAMES = (*MODELS, "seednet")  # the model table's networks and the seed README's
 
 TORCH_STATS = {"mean": "running_mean", "var": "running_var"}
 
 
 class ConversionError(ValueError):
     """A key or shape that does not fit the target model, named in one line."""
+
+
+def linen_model(name: str, widths: tuple[int, ...] | None = None, dropout: float = 0.0):
+    """The linen network `name` (of MODEL_NAMES) at `widths` (default: its own)."""
+    if name == "seednet":
+        return seednet.LinenSeedNet(widths or seednet.SEEDNET_WIDTHS)
+    return create_flax_model(name, dropout, widths)
+
+
+def nnx_module(name: str, widths: tuple[int, ...] | None = None, dropout: float = 0.0,
+               rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """The NNX network `name` (of MODEL_NAMES) at `widths`, drawn from `rngs` (default: seed 0)."""
+    rngs = rngs or nnx.Rngs(0)
+    if name == "seednet":
+        return seednet.NnxSeedNet(widths or seednet.SEEDNET_WIDTHS, rngs=rngs)
+    return nnx_model.create_model(name, dropout, widths, rngs=rngs)
+
+
+def torch_model(name: str, widths: tuple[int, ...] | None = None, dropout: float = 0.0
+                ) -> torch.nn.Module:
+    """The torch network `name` (of MODEL_NAMES) at `widths` (default: its own)."""
+    if name == "seednet":
+        return seednet.TorchSeedNet(widths or seednet.SEEDNET_WIDTHS)
+    return create_torch_model(name, dropout, widths)
 
 
 def torch_name(collection: str, path: tuple[str, ...], ndim: int) -> str:
@@ -65,8 +91,8 @@ def to_flax_layout(value: np.ndarray) -> np.ndarray:
 def flax_shapes(model: str, widths: tuple[int, ...] | None = None
                 ) -> dict[tuple[str, tuple[str, ...]], tuple[int, ...]]:
     """{(collection, path): shape} of the Flax model's variables, without computing them."""
-    shapes = jax.eval_shape(lambda: create_flax_model(model, widths=widths).init(
-        jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32), train=False))
+    shapes = jax.eval_shape(lambda: linen_model(model, widths).init(
+        jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32)))
     return {(collection, path): tuple(leaf.shape)
             for collection, tree in shapes.items()
             for path, leaf in traverse_util.flatten_dict(tree).items()}
@@ -75,7 +101,7 @@ def flax_shapes(model: str, widths: tuple[int, ...] | None = None
 def torch_shapes(model: str, widths: tuple[int, ...] | None = None) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the torch model's state_dict."""
     return {k: tuple(v.shape)
-            for k, v in create_torch_model(model, widths=widths).state_dict().items()}
+            for k, v in torch_model(model, widths).state_dict().items()}
 
 
 def torch_to_flax(state_dict: dict, model: str = "net",
@@ -141,26 +167,30 @@ def flax_to_torch(variables: dict, model: str = "net",
 
 
 def linen_to_nnx(variables: dict, model: str = "net", widths: tuple[int, ...] | None = None,
-                 dropout: float = 0.05) -> nnx.Module:
-    """linen variables of `model` -> the NNX module holding them (every key and shape checked)."""
+                 dropout: float = 0.0, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """linen variables of `model` -> the NNX module holding them (every key and shape checked;
+    its dropout draws from `rngs`)."""
     checked = checked_flax_variables(variables, model, widths)
-    pure = traverse_util.unflatten_dict({(c, *p): jnp.asarray(v) for (c, p), v in checked.items()})
-    split = nnx_model.SplitModel.of(functools.partial(nnx_model.create_model, model, dropout,
-                                                      widths))
-    return nnx_model.merge_variables(split.graphdef, split.template, pure)
+    module = nnx_module(model, widths, dropout, rngs)
+    for kind, collection in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):
+        state = nnx.state(module, kind)
+        nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(
+            {path: jnp.asarray(v) for (c, path), v in checked.items() if c == collection}))
+        nnx.update(module, state)
+    return module
 
 
 def nnx_to_linen(module: nnx.Module, model: str = "net",
                  widths: tuple[int, ...] | None = None) -> dict:
     """An NNX module of `model` -> linen variables (numpy arrays; every key and shape checked)."""
-    checked = checked_flax_variables(nnx_model.split_variables(module), model, widths)
+    checked = checked_flax_variables(nnx_model.variables_of(module), model, widths)
     return traverse_util.unflatten_dict({(c, *p): np.array(v) for (c, p), v in checked.items()})
 
 
 def torch_to_nnx(state_dict: dict, model: str = "net", widths: tuple[int, ...] | None = None,
-                 dropout: float = 0.05) -> nnx.Module:
+                 dropout: float = 0.0, rngs: nnx.Rngs | None = None) -> nnx.Module:
     """torch state_dict -> the NNX module of `model` holding its weights."""
-    return linen_to_nnx(torch_to_flax(state_dict, model, widths), model, widths, dropout)
+    return linen_to_nnx(torch_to_flax(state_dict, model, widths), model, widths, dropout, rngs)
 
 
 def nnx_to_torch(module: nnx.Module, model: str = "net",

@@ -15,19 +15,15 @@ import json
 import math
 import sys
 
-import jax
 from flax import nnx, traverse_util
 
-from compare.convert import flax_shapes, torch_name
-from flax_impl import nnx_model
-from flax_impl.common.models import MODELS, PARAMETER_LIMIT, parse_widths
-from torch_ref.model import create_model as create_torch_model
+from compare.convert import MODEL_NAMES, flax_shapes, nnx_module, torch_model, torch_name
+from flax_impl.common.models import MODELS, PARAMETER_LIMIT, SEEDNET_WIDTHS, parse_widths
 
 
 def nnx_shapes(model: str, widths: tuple[int, ...] | None = None) -> dict:
     """{path: shape} of the NNX module's parameters (`nnx.Param`), without computing them."""
-    abstract = nnx.eval_shape(lambda: nnx_model.create_model(model, widths=widths,
-                                                             key=jax.random.key(0)))
+    abstract = nnx.eval_shape(lambda: nnx_module(model, widths))
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(params).items()}
 
@@ -38,7 +34,7 @@ def parameter_table(model: str, widths: tuple[int, ...] | None = None) -> dict:
     flax = {path: shape for (collection, path), shape in flax_shapes(model, widths).items()
             if collection == "params"}
     torch_params = {name: tuple(p.shape)
-                    for name, p in create_torch_model(model, widths=widths).named_parameters()
+                    for name, p in torch_model(model, widths).named_parameters()
                     if p.requires_grad}
     nnx_params = nnx_shapes(model, widths)
     rows, paired = [], set()
@@ -72,9 +68,10 @@ def parameter_table(model: str, widths: tuple[int, ...] | None = None) -> dict:
     torch_total = sum(r["torch_count"] for r in rows)
     nnx_total = sum(r["nnx_count"] for r in rows)
     match = all(r["match"] for r in rows) and flax_total == torch_total == nnx_total
-    budget = MODELS[model].budget
+    budget = MODELS[model].budget if model in MODELS else None  # SeedNet: none
     under = flax_total < (budget or PARAMETER_LIMIT)
-    return {"model": model, "widths": list(widths or MODELS[model].widths), "budget": budget,
+    default_widths = MODELS[model].widths if model in MODELS else SEEDNET_WIDTHS
+    return {"model": model, "widths": list(widths or default_widths), "budget": budget,
             "rows": rows, "flax_total": flax_total, "torch_total": torch_total,
             "nnx_total": nnx_total,
             "match": match, "under_limit": under, "ok": match and (under or budget is None)}
@@ -112,14 +109,14 @@ def format_table(table: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m compare.params", description=__doc__)
-    parser.add_argument("--model", choices=(*MODELS, "all"), default="net")
+    parser.add_argument("--model", choices=(*MODEL_NAMES, "all"), default="net")
     parser.add_argument("--widths", type=parse_widths, default=None, metavar="W1,...,W6",
                         help="count --model at these six widths instead of its own")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.widths is not None and args.model == "all":
         parser.error("--widths needs one --model")
-    models = MODELS if args.model == "all" else (args.model,)
+    models = MODEL_NAMES if args.model == "all" else (args.model,)
     try:
         tables = [parameter_table(model, args.widths) for model in models]
     except ValueError as error:  # widths that are not six positive integers

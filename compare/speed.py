@@ -1,6 +1,6 @@
 """Flax vs torch speed, side by side in one process: `python -m compare.speed [--json FILE]`.
 
-JAX's persistent compilation cache is on, as for the training commands (`flax_impl.compile_cache`;
+JAX's persistent compilation cache is on, as for the training commands (`flax_impl.extras.compile_cache`;
 `MNIST20K_JAX_CACHE=off` for cold compile times).
 
 For `Net` at the recipe's batch size, augmentation and dropout on (the default recipe), each
@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from compare.layers import conv_shapes
-from compare.machine import cpu_name, peak_gflops, vector_extensions
+from compare.host import cpu_name, peak_gflops, vector_extensions
 from flax_impl import augment as flax_augment
 from flax_impl import core as flax_core
 from flax_impl import model as flax_model
@@ -40,11 +39,28 @@ from flax_impl import nnx_model
 from flax_impl import setup as flax_setup
 from flax_impl.common.config import RECIPES, Config, recipe_config
 from flax_impl.common.data import load_mnist
-from flax_impl.compile_cache import use_compilation_cache
 from flax_impl.extras import fast as flax_fast
+from flax_impl.extras.compile_cache import use_compilation_cache
 from flax_impl.extras.kernels import FAST, STOCK, Kernels
 from torch_ref import setup as torch_setup
 from torch_ref.model import create_model as create_torch_model
+
+
+def conv_shapes(batch: int, model_name: str = "net"
+                ) -> list[tuple[str, tuple[int, int, int, int], int]]:
+    """(name, NCHW input shape, output channels) of every convolution of model `model_name`, in
+    order."""
+    model = create_torch_model(model_name, 0.0).eval()
+    shapes = []
+    hooks = [module.register_forward_hook(
+        lambda module, inputs, output, name=name: shapes.append(
+            (name, tuple(inputs[0].shape), module.out_channels)))
+        for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(batch, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    return shapes
 
 
 def train_flops_per_image(model: str = "net") -> float:

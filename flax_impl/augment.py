@@ -1,9 +1,9 @@
 """Random rotation in JAX, on device, inside the jitted train step.
 
 Mirrors `torch_ref/augment.py` (torch's `affine_grid` + bilinear `grid_sample`, zeros padding,
-`align_corners=False`): the same angle gives the same image. Bilinear interpolation reads each
-output pixel's source point from the four input pixels around it; `rotate` gathers them with
-`map_coordinates`. `flax_impl.extras.fast.rotate` is a drop-in with the same signature for CPUs.
+`align_corners=False`): the same angle gives the same image. Each output pixel reads the input
+at its position rotated the other way, bilinearly (`map_coordinates`).
+`flax_impl.extras.fast.rotate` is a drop-in for CPUs.
 """
 
 from __future__ import annotations
@@ -26,19 +26,13 @@ def source_offsets(height: int, width: int, degrees: jax.Array, dtype):
     radians = jnp.deg2rad(degrees)[:, None, None]
     cos, sin = jnp.cos(radians), jnp.sin(radians)
     rows, cols = pixel_grid(height, width, dtype)
-    # Coordinates about the centre; each output pixel reads the input at its position rotated
-    # the other way.
-    x, y = cols - (width - 1) / 2, rows - (height - 1) / 2
+    x, y = cols - (width - 1) / 2, rows - (height - 1) / 2  # about the centre
     return sin * x + cos * y - y, cos * x - sin * y - x
 
 
 def rotate(images: jax.Array, degrees: jax.Array, max_degrees: float | None = None) -> jax.Array:
-    """Rotate each image of (B, H, W, C) counter-clockwise by its angle in degrees (bilinear, 0 fill).
-
-    `max_degrees`, a bound on every |angle|, is for implementations that can use it; any angle
-    works here.
-    """
-    del max_degrees
+    """Rotate each image of (B, H, W, C) counter-clockwise by its angle in degrees (bilinear, 0
+    fill). `max_degrees` (a bound on every |angle|) is for drop-ins that can use it."""
     _, height, width, _ = images.shape
     dy, dx = source_offsets(height, width, degrees, images.dtype)
     rows, cols = pixel_grid(height, width, images.dtype)
@@ -52,10 +46,8 @@ def rotate(images: jax.Array, degrees: jax.Array, max_degrees: float | None = No
 
 def random_rotate(images: jax.Array, max_degrees: float, key: jax.Array,
                   rotate_fn: Callable = rotate) -> jax.Array:
-    """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees].
-
-    `rotate_fn` is `rotate` or a drop-in with its signature (`flax_impl.extras.fast.rotate`).
-    """
+    """Rotate each image by an angle drawn uniformly from [-max_degrees, max_degrees] with
+    `rotate_fn` (`rotate` or a drop-in)."""
     if max_degrees == 0:
         return images
     degrees = jax.random.uniform(key, (images.shape[0],), images.dtype, -max_degrees, max_degrees)

@@ -1,73 +1,24 @@
-"""The functional core of the Flax port: state, optimizer, train step, chunked scan, evaluation.
+"""The functional core of the Flax port: schedule, optimizer, train state, train step, evaluation.
 
-Pure functions over pytrees, everything that runs per step inside `jax.jit`:
-
-- `TrainState`: Flax's `TrainState` plus BatchNorm's running statistics and, when the recipe
-  asks for one, an exponential moving average of the parameters;
-- `onecycle_schedule` and `create_optimizer`: torch's SGD and OneCycleLR, step for step (the
-  schedule's numbers, `onecycle_constants`, passed into the jitted chunk as values);
-- `make_train_step`: `train_step(state, (images, labels), key) -> (state, metrics)` rotates,
-  normalises, differentiates and updates;
-- `make_train_chunk`: a jitted `lax.scan` of the train step over a chunk of an epoch's batches,
-  gathered on device from the uploaded dataset (fewer dispatches than a loop of jitted steps);
-- `make_evaluate`: summed loss and correct predictions over a set of images;
-- `epoch_plan`: each epoch's batches and step keys, from the run's key and the epoch number;
-- `chunk_bounds`: the steps of each jitted call of an epoch.
-
-`flax_impl.setup` builds all of it for one config on the devices; the run layer around it
-(workdir, checkpoints, signals, command line) is `flax_impl.train`.
+Pure functions over pytrees, jitted and run by `flax_impl.train`. The NNX port (`nnx_train`) shares
+the optimizer, the loss, the chunk and the evaluation, and has its own state and step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax.training import train_state
-from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from flax_impl.augment import random_rotate, rotate
 from flax_impl.common.config import Config
-from flax_impl.model import to_inputs
-
-# For the programs that run once or once an epoch (the initialisation, the evaluation): XLA's
-# backend optimisation level 1 compiles in a fraction of level 2's time to the same bits.
-LIGHT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
-
-
-class TrainState(train_state.TrainState):
-    """Step, parameters, optimizer state (Flax's TrainState), BatchNorm statistics, and the
-    moving average of the parameters ({} without one)."""
-
-    batch_stats: Any
-    ema_params: Any = dataclasses.field(default_factory=dict)
-
-
-def onecycle_constants(config: Config, total_steps: int) -> dict[str, np.float32]:
-    """The numbers of `onecycle_schedule` for a run of `total_steps`, float32, computed on the
-    host: the values XLA folds the schedule's constants into, so that the train chunk can take
-    them as arguments (one compiled program for every run length and peak rate) and compute the
-    same bits."""
-    f32 = np.float32
-    initial = config.lr / config.div_factor
-    final = initial / config.final_div_factor
-    warmup_end = config.warmup_fraction * total_steps - 1
-    decay_steps = total_steps - 1 - warmup_end
-    half_pi = f32(np.pi / 2)
-    return {"peak": f32(config.lr), "warmup_span": f32(initial - config.lr),
-            "warmup_end": f32(warmup_end), "warmup_rate": f32(1) / f32(warmup_end) * half_pi,
-            "final": f32(final), "decay_span": f32(config.lr - final),
-            "last_step": f32(total_steps - 1), "decay_rate": f32(1) / f32(decay_steps) * half_pi}
+from flax_impl.model import create_model, to_inputs
 
 
 def onecycle_schedule(config: Config, total_steps: int) -> optax.Schedule:
@@ -77,97 +28,34 @@ def onecycle_schedule(config: Config, total_steps: int) -> optax.Schedule:
     decay to lr/div_factor/final_div_factor at step total_steps - 1 (torch's phase boundaries,
     which differ by one step from `optax.cosine_onecycle_schedule`'s).
     """
-    return schedule_of(onecycle_constants(config, total_steps))
+    peak, initial = config.lr, config.lr / config.div_factor
+    final = initial / config.final_div_factor
+    warmup_end = config.warmup_fraction * total_steps - 1
+    last_step = total_steps - 1
 
-
-def schedule_of(constants: dict) -> optax.Schedule:
-    """The one-cycle schedule of `onecycle_constants` (host numbers or traced values)."""
-    c = constants
-
-    def anneal(stop, span, remaining_steps, rate):  # stop + span at the phase's first step
-        # torch's stop + span / 2 * (cos(pi f) + 1), f the fraction done, written as
-        # sin(pi (1 - f) / 2)^2 so that float32 keeps its relative precision where the rate
-        # is tiny (the last steps).
-        return stop + span * jnp.square(jnp.sin(remaining_steps * rate))
+    def anneal(start, stop, remaining_steps, phase_steps):
+        # torch's stop + (start - stop) / 2 * (cos(pi f) + 1), f the fraction done, written as
+        # sin(pi (1 - f) / 2)^2 so that float32 keeps its relative precision where the rate is
+        # tiny (the last steps).
+        rate = jnp.float32(1) / jnp.float32(phase_steps) * jnp.float32(math.pi / 2)
+        return stop + jnp.float32(start - stop) * jnp.square(jnp.sin(remaining_steps * rate))
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warming = anneal(c["peak"], c["warmup_span"], c["warmup_end"] - step, c["warmup_rate"])
-        decaying = anneal(c["final"], c["decay_span"], c["last_step"] - step, c["decay_rate"])
-        return jnp.where(step <= c["warmup_end"], warming, decaying)
+        warming = anneal(initial, peak, warmup_end - step, warmup_end)
+        decaying = anneal(peak, final, last_step - step, last_step - warmup_end)
+        return jnp.where(step <= warmup_end, warming, decaying)
 
     return schedule
 
 
 def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
-    """torch's SGD(nesterov=True, weight_decay=wd): L2 decay added to the gradient, then SGD."""
-    return optimizer_of(config, onecycle_constants(config, total_steps))
-
-
-def optimizer_of(config: Config, schedule_constants: dict) -> optax.GradientTransformation:
-    """`create_optimizer` with the schedule of `schedule_constants` (`onecycle_constants`)."""
+    """torch's SGD(nesterov=True, weight_decay=wd) under OneCycleLR: L2 decay added to the
+    gradient, then SGD with the schedule's rate."""
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(schedule_of(schedule_constants), config.momentum, nesterov=True),
+        optax.sgd(onecycle_schedule(config, total_steps), config.momentum, nesterov=True),
     )
-
-
-def create_train_state(key: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       ema: bool = False) -> TrainState:
-    """Initial parameters (torch's default initialisation), BatchNorm statistics, optimizer state
-    and, with `ema`, the moving average of the parameters (their copy until the first step)."""
-    # One compiled program instead of one per operation of the initialisation: the same values.
-    return jit_init(initial_state(model, tx, ema))(key)
-
-
-def train_state_shapes(model: nn.Module, tx: optax.GradientTransformation,
-                       ema: bool = False) -> TrainState:
-    """The shapes and dtypes of `create_train_state`'s state (jax.ShapeDtypeStruct leaves),
-    traced without compiling: a target to restore a checkpoint into."""
-    return jax.eval_shape(initial_state(model, tx, ema), jax.random.key(0))
-
-
-def initial_state(model: nn.Module, tx: optax.GradientTransformation, ema: bool) -> Callable:
-    """key -> the initial TrainState of `model` and `tx` (see `create_train_state`)."""
-
-    def create(key):
-        variables = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
-        state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                  batch_stats=variables.get("batch_stats", {}),
-                                  # a copy: a donated state must not hold one buffer twice
-                                  ema_params=jax.tree.map(jnp.copy, variables["params"])
-                                  if ema else {})
-        return state.replace(step=jnp.zeros((), jnp.int32))
-
-    return create
-
-
-def jit_init(init: Callable) -> Callable:
-    """`init` jitted for a program that runs once (an initialisation): at XLA's backend
-    optimisation level 1 (`LIGHT_COMPILER_OPTIONS`), a fraction of level 2's compile time and the
-    same bits (level 0 would fuse no multiply-add and round differently)."""
-    return jax.jit(init, compiler_options=LIGHT_COMPILER_OPTIONS)
-
-
-def variables_of(state: TrainState) -> dict:
-    """The model variables ({"params", "batch_stats"}) of a train state."""
-    if state.batch_stats:
-        return {"params": state.params, "batch_stats": state.batch_stats}
-    return {"params": state.params}
-
-
-def eval_variables(state: TrainState) -> dict:
-    """The variables that are scored and saved as the model: with a moving average of the
-    parameters, it with the live BatchNorm statistics (torch's AveragedModel keeps those in
-    sync the same way)."""
-    return variables_of(state.replace(params=state.ema_params) if state.ema_params else state)
-
-
-def update_ema(ema_params, params, decay: float, step: jax.Array):
-    """decay * ema + (1 - decay) * params; the parameters themselves after the first step (as
-    torch's AveragedModel with get_ema_multi_avg_fn)."""
-    return jax.tree.map(lambda e, p: jnp.where(step == 0, p, decay * e + (1 - decay) * p),
-                        ema_params, params)
 
 
 def example_nll(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
@@ -184,99 +72,99 @@ def nll_loss(log_probs: jax.Array, labels: jax.Array, label_smoothing: float = 0
     return nll.mean()
 
 
-def value_and_grad_over(loss_fn: Callable, mesh: Mesh) -> Callable:
-    """`jax.value_and_grad(loss_fn, has_aux=True)` for `loss_fn(params, batch_stats, inputs,
-    labels, key)` whose inputs and labels are spread over the devices of the 1-D `mesh` (its
-    axis is the model's `batch_axis`).
-
-    Inside `jax.shard_map` each device differentiates the mean loss of its rows (the model's
-    BatchNorm and dropout see the whole batch through `axis`); then the gradients and the loss
-    cross the devices in one all-reduce of one flat buffer. XLA, left to split the step itself,
-    reduces the gradients as a tuple of arrays, which XLA:CPU runs as one all-reduce per array.
-    """
-
-    (axis,) = mesh.axis_names
-
-    def local(params, batch_stats, inputs, labels, key):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch_stats, inputs, labels, key)
-        flat, unflatten = ravel_pytree((grads, loss))
-        # Each device's loss is the mean of its equal share: the batch's mean is their mean.
-        grads, loss = unflatten(jax.lax.psum(flat, axis) / jax.lax.psum(1, axis))
-        return (loss, aux), grads
-
-    split, whole = P(axis), P()
-    return jax.shard_map(local, mesh=mesh, in_specs=(whole, whole, split, split, whole),
-                         out_specs=whole, check_vma=False)
+def train_inputs(config: Config, images: jax.Array, key: jax.Array,
+                 rotate_fn: Callable = rotate) -> jax.Array:
+    """uint8 training images -> the model's input, each rotated by a random angle (`rotate_fn`:
+    `augment.rotate` or a drop-in)."""
+    return to_inputs(images, lambda pixels: random_rotate(pixels, config.max_rotation, key,
+                                                          rotate_fn))
 
 
-def make_train_step(config: Config, rotate_fn: Callable = rotate, mesh: Mesh | None = None):
-    """The pure train step of `config`: (state, (images, labels), key) -> (state, metrics).
+class TrainState(train_state.TrainState):
+    """Step, parameters and optimizer state (Flax's TrainState), and BatchNorm's running
+    statistics."""
 
-    Images are uint8 (B, 28, 28); `rotate_fn` is `augment.rotate` or a drop-in. `mesh`: for a
-    model built to train each device's share of the batch (its `batch_axis`), the devices
-    (`value_and_grad_over`); None: one program that XLA splits over the batch's devices.
-    """
-
-    def train_step(state: TrainState, batch, key: jax.Array):
-        images, labels = batch
-        rotate_key, dropout_key = jax.random.split(key)
-        inputs = to_inputs(images, lambda pixels: random_rotate(
-            pixels, config.max_rotation, rotate_key, rotate_fn))
-
-        def loss_fn(params, batch_stats, inputs, labels, dropout_key):
-            log_probs, updates = state.apply_fn(
-                variables_of(state.replace(params=params, batch_stats=batch_stats)), inputs,
-                train=True,
-                rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-            loss = nll_loss(log_probs, labels, config.label_smoothing)
-            return loss, updates.get("batch_stats", {})
-
-        differentiate = (jax.value_and_grad(loss_fn, has_aux=True) if mesh is None
-                         else value_and_grad_over(loss_fn, mesh))
-        (loss, batch_stats), grads = differentiate(state.params, state.batch_stats, inputs,
-                                                   labels, dropout_key)
-        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-        if config.ema_decay:
-            new_state = new_state.replace(ema_params=update_ema(
-                state.ema_params, new_state.params, config.ema_decay, state.step))
-        return new_state, {"loss": loss}
-
-    return train_step
+    batch_stats: Any
 
 
-def make_train_chunk(train_step, batch_sharding: NamedSharding, optimizer: Callable):
-    """Jitted: run `train_step` over rows of `indices` (K, B) with `keys` (K,) in one `lax.scan`.
+def create_train_state(key: jax.Array, model, tx: optax.GradientTransformation) -> TrainState:
+    """Initial parameters (torch's default initialisation), BatchNorm statistics and optimizer
+    state."""
+    variables = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32))
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables["batch_stats"]
+                             ).replace(step=jnp.zeros((), jnp.int32))
 
-    `schedule` is the run's `onecycle_constants` as arguments and `optimizer(schedule)` the
-    state's optimizer built on them (`functools.partial(optimizer_of, config)`), so that runs of
-    other lengths and rates share the compiled program.
-    """
 
-    def train_chunk(state, images, labels, indices, keys, schedule):
-        def body(state, step_input):
-            index, key = step_input
+def variables_of(state: TrainState) -> dict:
+    """The model's variables, {"params", "batch_stats"}."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def train_step(state: TrainState, batch, key: jax.Array, *, config: Config,
+               rotate_fn: Callable = rotate) -> tuple[TrainState, dict]:
+    """One step of SGD on uint8 `batch` = (images (B, 28, 28), labels (B,)): rotate,
+    normalise, differentiate the loss, update; (new state, {"loss"})."""
+    images, labels = batch
+    rotate_key, dropout_key = jax.random.split(key)
+    inputs = train_inputs(config, images, rotate_key, rotate_fn)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        log_probs, updates = state.apply_fn(variables, inputs, train=True,
+                                            rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        return nll_loss(log_probs, labels, config.label_smoothing), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"]), {"loss": loss}
+
+
+def log_probs(state: TrainState, inputs: jax.Array) -> jax.Array:
+    """The model's log-probabilities of `inputs`, in evaluation mode."""
+    return state.apply_fn(variables_of(state), inputs)
+
+
+class Port(NamedTuple):
+    """The pure functions of one API's port (linen or NNX) of a config."""
+
+    init: Callable  # key -> the initial train state
+    train_step: Callable  # (state, batch, key) -> (state, {"loss"})
+    log_probs: Callable  # (state, inputs) -> the model's log-probabilities, in evaluation mode
+    variables: Callable  # state -> the model's linen variables {"params", "batch_stats"}
+
+
+def create_port(config: Config, tx: optax.GradientTransformation, kernels) -> Port:
+    """The linen port of `config`, with `kernels`' convolution, pooling and rotation."""
+    model = create_model(config.model, config.dropout, config.widths, conv=kernels.conv,
+                         max_pool=kernels.max_pool)
+    return Port(init=lambda key: create_train_state(key, model, tx),
+                train_step=functools.partial(train_step, config=config, rotate_fn=kernels.rotate),
+                log_probs=log_probs, variables=variables_of)
+
+
+def make_train_chunk(train_step: Callable, batch_sharding) -> Callable:
+    """Jitted: `train_step` over the rows of `indices` (K, B) with `keys` (K,) in one `lax.scan`,
+    each batch gathered on the device from the uploaded `images` and `labels` (fewer dispatches
+    than a loop of jitted steps); (state, {"loss": (K,)})."""
+
+    def train_chunk(state, images, labels, indices, keys):
+        def body(state, step):
+            index, key = step
             batch = jax.lax.with_sharding_constraint((images[index], labels[index]),
                                                      batch_sharding)
             return train_step(state, batch, key)
 
-        # The state's optimizer has the schedule's numbers as constants; the one the steps use
-        # reads them from `schedule` (the same bits, see `onecycle_constants`).
-        state_tx = state.tx
-        state, metrics = jax.lax.scan(body, state.replace(tx=optimizer(schedule)),
-                                      (indices, keys))
-        return state.replace(tx=state_tx), metrics
+        return jax.lax.scan(body, state, (indices, keys))
 
     return jax.jit(train_chunk, donate_argnums=0)
 
 
-def make_evaluate(model: nn.Module, batch_size: int, batch_sharding: NamedSharding):
-    """Jitted: (variables, uint8 images, labels) -> (summed NLL loss, number correct).
+def make_evaluate(log_probs: Callable, batch_size: int, batch_sharding) -> Callable:
+    """Jitted: (state, uint8 images, labels) -> (summed NLL loss, number correct), batch by
+    batch; `log_probs(state, inputs)` is the scored model."""
 
-    Compiled at `LIGHT_COMPILER_OPTIONS` (it runs once an epoch; the same bits, no slower)."""
-
-    @functools.partial(jax.jit, compiler_options=LIGHT_COMPILER_OPTIONS)
-    def evaluate(variables, images, labels):
+    @jax.jit
+    def evaluate(state, images, labels):
         count = images.shape[0]
         padded = math.ceil(count / batch_size) * batch_size
         mask = jnp.arange(padded) < count
@@ -285,13 +173,12 @@ def make_evaluate(model: nn.Module, batch_size: int, batch_sharding: NamedShardi
 
         def batch_totals(batch):
             images, labels, mask = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            log_probs = model.apply(variables, to_inputs(images), train=False)
-            losses = example_nll(log_probs, labels)
-            correct = log_probs.argmax(-1) == labels
-            return jnp.sum(losses * mask), jnp.sum(correct & mask)
+            scores = log_probs(state, to_inputs(images))
+            return (jnp.sum(example_nll(scores, labels) * mask),
+                    jnp.sum((scores.argmax(-1) == labels) & mask))
 
-        shape = lambda x: x.reshape(-1, batch_size, *x.shape[1:])  # noqa: E731
-        losses, correct = jax.lax.map(batch_totals, (shape(images), shape(labels), shape(mask)))
+        batches = [x.reshape(-1, batch_size, *x.shape[1:]) for x in (images, labels, mask)]
+        losses, correct = jax.lax.map(batch_totals, batches)
         return losses.sum(), correct.sum()
 
     return evaluate
@@ -306,9 +193,3 @@ def epoch_plan(key: jax.Array, epoch: int, num_train: int, steps: int, batch_siz
     order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), num_train)
     indices = order[:steps * batch_size].reshape(steps, batch_size)
     return indices, jax.random.split(jax.random.fold_in(epoch_key, 1), steps)
-
-
-def chunk_bounds(steps: int, steps_per_call: int, first: int = 0) -> Iterator[tuple[int, int]]:
-    """(first step, stop step) of each jitted call of an epoch of `steps`, from step `first`."""
-    for start in range(first, steps, steps_per_call):
-        yield start, min(start + steps_per_call, steps)

@@ -16,7 +16,7 @@ import numpy as np
 
 from flax_impl.common.data import load_mnist
 from flax_impl.common.errors import DataError, WorkdirError
-from flax_impl.compile_cache import use_compilation_cache
+from flax_impl.extras.compile_cache import use_compilation_cache
 from flax_impl.predict import WorkdirReader, load_trained
 
 

@@ -16,14 +16,35 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flax_impl import setup
 from flax_impl.common.errors import WorkdirError
 from flax_impl.common.workdir import load_config, workdir_record
-from flax_impl.compile_cache import use_compilation_cache
-from flax_impl.model import to_inputs
-from flax_impl.train import restore_variables
+from flax_impl.extras.compile_cache import use_compilation_cache
+from flax_impl.extras.kernels import STOCK
+from flax_impl.model import create_model, to_inputs
+from flax_impl.train import CHECKPOINT_DIR, create_port, restore_checkpoint
+
+
+def restore_variables(workdir: str | Path) -> dict:
+    """The linen variables ({"params", "batch_stats"}) of the model a training workdir scored,
+    from its latest checkpoint, on the first device."""
+    config = load_config(workdir)
+    if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
+        raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
+    port = create_port(config, 1, STOCK)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                          jax.eval_shape(port.init, jax.random.key(0)))
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                           save_interval_steps=0, enable_async_checkpointing=False)
+    with ocp.CheckpointManager((Path(workdir) / CHECKPOINT_DIR).absolute(), options) as manager:
+        restored = restore_checkpoint(manager, target)
+    if restored is None:
+        raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
+    return port.variables(restored[1])
+
 
 # A framework's reader of its workdirs: the workdir -> the Flax variables of the model it scored.
 WorkdirReader = Callable[[Path], dict]
@@ -57,7 +78,7 @@ def load_trained(workdir: str | Path, readers: dict[str, WorkdirReader] | None =
                            f"`python -m flax_impl.train --workdir {workdir}` first")
     config = load_config(workdir)
     variables = trained_variables(workdir, readers)
-    model = setup.build_model(config)
+    model = create_model(config.model, config.dropout, config.widths)
 
     @jax.jit
     def log_probs(images):

@@ -40,6 +40,13 @@ SHAPE_BATCH_SIZE, SHAPE_STEPS_PER_CALL = 64, 4
 FLAX_SHAPE = ("--batch-size", str(SHAPE_BATCH_SIZE), "--steps-per-call", str(SHAPE_STEPS_PER_CALL))
 
 
+def child_env(devices: int) -> dict:
+    """The environment of a process with `devices` CPU devices."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+
+
 def normal(seed: int, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """Standard-normal test inputs drawn by NumPy (`jax.random.normal` would compile a program
     for each shape)."""

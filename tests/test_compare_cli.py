@@ -1,4 +1,4 @@
-"""The compare commands: params, accuracy, speed and layers (smoke runs; speed is never asserted)."""
+"""The compare commands: params, accuracy, speed and sweep (smoke runs; speed is never asserted)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,7 @@ import os
 
 import pytest
 
-from compare import (
-    accuracy,
-    all_reduce,
-    collectives,
-    layers,
-    params,
-    processes,
-    speed,
-    sweep,
-    xla_flags,
-)
+from compare import accuracy, params, speed, sweep
 from flax_impl.common.config import Config
 from tests.conftest import synthetic_mnist
 
@@ -163,20 +153,6 @@ def test_speed_times_the_nnx_port_beside_linen_and_under_nnx_jit():
     assert timed["linen_scan"]["slowdown"] == timed["linen_step"]["slowdown"] == 1.0
 
 
-@pytest.mark.slow
-def test_xla_flags_times_each_option_in_its_own_process(tiny_idx_source, tmp_path, capsys):
-    out = tmp_path / "flags.json"
-    assert xla_flags.main(["--flag=--xla_cpu_use_thunk_runtime=false", "--rounds", "2",
-                           "--steps-per-call", "2", "--data-source", tiny_idx_source,
-                           "--recipe", "tinynet", "--json", str(out)]) == 0
-    options = json.loads(out.read_text())["options"]
-    assert list(options) == ["none", "--xla_cpu_use_thunk_runtime=false"]
-    assert options["none"]["speedup"] == 1.0 and options["none"]["supported"]
-    assert not options["--xla_cpu_use_thunk_runtime=false"]["supported"]  # XLA ignores it now
-    printed = capsys.readouterr().out
-    assert "no longer supported" in printed and "compare.xla_flags --recipe tinynet" in printed
-
-
 def test_flop_count_agrees_with_torchs_flop_counter():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -213,21 +189,12 @@ def test_each_ablation_variant_compiles_to_another_step():
     assert len(set(variants.values())) == len(variants)
 
 
-def test_layers_are_nets_convolutions_in_order():
-    shapes = layers.conv_shapes(4)
+def test_speeds_conv_shapes_are_nets_convolutions_in_order():
+    shapes = speed.conv_shapes(4)
     assert [name for name, _, _ in shapes] == [f"block{i}.conv" for i in range(1, 7)]
     assert [shape for _, shape, _ in shapes][:3] == [(4, 1, 28, 28), (4, 10, 26, 26),
                                                      (4, 16, 12, 12)]
     assert [out for _, _, out in shapes] == [10, 16, 16, 16, 24, 32]
-
-
-@pytest.mark.slow
-def test_layers_benchmark_runs_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "layers.json"
-    assert layers.main(["--repeats", "1", "--json", str(out)]) == 0
-    assert capsys.readouterr().out.splitlines()[-2].startswith("total")
-    rows = json.loads(out.read_text())
-    assert len(rows) == 6 and all(row[key] > 0 for row in rows for key in layers.KEYS)
 
 
 def test_params_counts_a_model_at_the_widths_given(capsys):
@@ -281,14 +248,6 @@ def test_sweep_refuses_an_unknown_variant(tmp_path, capsys):
     assert "unknown variant(s) nope" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_layers_conv_forms_times_every_form_and_checks_it(capsys):
-    rows = layers.time_conv_forms("tinynet", batch=2, repeats=1)
-    assert [row["name"] for row in rows] == [f"block{i}.conv" for i in range(2, 7)]
-    assert all(row[f"{form}_error"] < 1e-3 for row in rows for form in layers.CONV_FORMS)
-    assert "WRONG" not in layers.conv_forms_report(rows, "tinynet")
-
-
 def test_accuracy_time_command_records_each_bare_command(tmp_path, monkeypatch):
     (tmp_path / "fake_trainer.py").write_text(
         "import sys\nassert sys.argv[1:] == ['--recipe', 'fast']\n"
@@ -324,90 +283,6 @@ def test_accuracy_time_command_cold_runs_flax_on_a_new_cache_then_again(tmp_path
     caches = [line.split()[-1] for line in lines[1:]]
     assert caches[0] == caches[1] != caches[3]  # a new cache each round
     assert caches[2] == caches[5] == "off"  # torch runs with the environment as it is
-
-
-def test_processes_starts_two_jax_processes_against_one_and_torchrun(tmp_path):
-    runs = processes.commands(tmp_path, 23456, ["--data-source", "idx:D"])
-    assert [len(argvs) for argvs in runs.values()] == [2, 1, 1, 1]
-    first, second = runs["flax2"]
-    assert first[-2:] == ["--process-id", "1"] and second[-2:] == ["--process-id", "0"]
-    assert "127.0.0.1:23456" in first and "torch.distributed.run" in runs["torch2"][0]
-    assert all("idx:D" in argv for argvs in runs.values() for argv in argvs)
-
-
-@pytest.mark.slow
-def test_all_reduce_times_both_frameworks_with_and_without_load(tmp_path, capsys):
-    out = tmp_path / "all_reduce.json"
-    assert all_reduce.main(["--count", "3", "--floats", "8", "--products", "1", "--calls", "2",
-                            "--arrays", "2", "--json", str(out)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(",")[0] for line in lines[1:]] == [
-        "jax: 3 all-reduces of 2 arrays of 32 B"] * 2 + [
-        "torch: 3 all-reduces of 2 arrays of 32 B"] * 2
-    found = json.loads(out.read_text())
-    for framework in ("jax", "torch"):
-        assert set(found[framework]) == {f"{setting}, {name}" for setting in (
-            "idle", "between products") for name in ("with", "without")}
-        assert all(seconds > 0 for seconds in found[framework].values())
-
-
-def test_all_reduce_bad_sizes_are_one_line(capsys):
-    for flags in (["--floats", "0"], ["--arrays", "2", "--floats", "129"]):
-        with pytest.raises(SystemExit) as stop:
-            all_reduce.main(flags)
-        assert stop.value.code == 2
-        assert "--arrays x --floats must be 1..256" in capsys.readouterr().err
-
-
-LOOPED_HLO = """\
-%body (p: (s32[], f32[9,4])) -> (s32[], f32[9,4]) {
-  %ar = f32[4]{0} all-reduce(%dot.1), channel_id=1, replica_groups={{0,1}}, to_apply=%add
-  ROOT %t = (s32[], f32[9,4]{1,0}) tuple(%i, %u)
-}
-
-ENTRY %main (a: f32[2,3]) -> f32[9,4] {
-  %w = (s32[], f32[9,4]{1,0}) while(%init), condition=%cond, body=%body, \
-backend_config={"known_trip_count":{"n":"9"}}
-  %g = (f32[2,3]{1,0}, f32[]) all-reduce(%a, %l), channel_id=2, replica_groups={{0,1}}, to_apply=%add
-  ROOT %r = f32[9,4]{1,0} get-tuple-element(%w), index=1
-}
-"""
-
-
-def test_collectives_are_counted_with_the_loops_that_repeat_them():
-    assert collectives.collectives_of(LOOPED_HLO) == [
-        {"op": "all-reduce", "bytes": 16, "arrays": 1, "times": 9},
-        {"op": "all-reduce", "bytes": 28, "arrays": 2, "times": 1}]
-    model = collectives.link_model([{"op": "all-reduce", "bytes": 1250, "times": 4}],
-                                   processes=2, latency_us=50, gbit_per_s=10)
-    # 4 messages x 2 hops x 50 us; 4 x 1250 bytes x 2 hops / 2 processes at 1.25 GB/s
-    assert model["latency_s"] == pytest.approx(4e-4) and model["transfer_s"] == pytest.approx(4e-6)
-    # A tuple all-reduce of 3 arrays runs as 3 all-reduces on XLA:CPU: 3 rounds of messages.
-    tuple_model = collectives.link_model(
-        [{"op": "all-reduce", "bytes": 1250, "arrays": 3, "times": 4}], processes=2,
-        latency_us=50, gbit_per_s=10)
-    assert tuple_model["latency_s"] == pytest.approx(3 * 4e-4)
-    assert tuple_model["transfer_s"] == pytest.approx(4e-6)
-
-
-@pytest.mark.slow
-def test_collectives_of_a_step_reduce_every_gradient(tmp_path, capfd):
-    out = tmp_path / "collectives.json"
-    assert collectives.main(["--recipe", "tinynet", "--json", str(out)]) == 0  # a new process
-    found = json.loads(out.read_text())
-    assert found["devices"] == 2 and found["model"] == "tinynet"
-    reduced = sum(c["bytes"] * c["times"] for c in found["collectives"])
-    assert reduced >= 4 * found["trainable_parameters"]  # each float32 gradient, at least
-    # The CPU kernels on a split batch: no collective inside a loop, one all-reduce per
-    # BatchNorm layer each way and one for the gradients and the loss, each of one array (gloo
-    # reduces each array of a tuple on its own).
-    assert found["kernels"] == "fast" and all(c["times"] == 1 for c in found["collectives"])
-    assert len(found["collectives"]) == 2 * 6 + 1
-    assert all(c["arrays"] == 1 for c in found["collectives"])
-    assert found["collectives"][-1]["bytes"] == 4 * (found["trainable_parameters"] + 1)
-    assert "13 collectives run per train step (13 in the program) over 13 arrays" in \
-        capfd.readouterr().out
-    assert found["link_model"]["step_s"] > 0
 
 
 @pytest.mark.slow

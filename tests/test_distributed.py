@@ -23,11 +23,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from compare.collectives import child_env
 from flax_impl import train as flax_train
 from flax_impl.common.config import recipe_config
 from flax_impl.common.workdir import read_metrics
-from tests.conftest import FLAX_SHAPE, synthetic_mnist
+from tests.conftest import FLAX_SHAPE, child_env, synthetic_mnist
 from torch_ref import train as torch_train
 from torch_ref.augment import random_rotate
 from torch_ref.distributed import GlobalBatchNorm2d, Group

@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compare.collectives import child_env
 from flax_impl import core, setup
 from flax_impl import train as flax_train
 from flax_impl.common.config import Config
 from flax_impl.common.workdir import read_metrics
-from tests.conftest import SHAPE_BATCH_SIZE, SHAPE_STEPS_PER_CALL, crash_in_epoch, synthetic_mnist
+from tests.conftest import SHAPE_BATCH_SIZE, SHAPE_STEPS_PER_CALL, child_env, crash_in_epoch, synthetic_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -314,7 +313,7 @@ def test_the_moving_average_is_what_is_scored_saved_and_resumed(tiny_idx_source,
 # A fresh process that turns the cache on as the commands do and compiles one small program.
 CACHE_SCRIPT = """
 import jax, jax.numpy as jnp
-from flax_impl.compile_cache import use_compilation_cache
+from flax_impl.extras.compile_cache import use_compilation_cache
 print(use_compilation_cache())
 jax.jit(lambda x: x * 2)(jnp.arange(3.0)).block_until_ready()
 """

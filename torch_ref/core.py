@@ -1,14 +1,14 @@
-"""The core of the PyTorch reference: optimizer and schedule, train step, evaluation.
+"""The core of the PyTorch reference: optimizer and schedule, loss, train step, evaluation, the
+epochs' batches.
 
-Mirrors `flax_impl/core.py`. `torch_ref.setup` builds a run from it; the run layer around it
-(workdir, checkpoints, command line) is `torch_ref.train`.
+Mirrors `flax_impl/core.py`, in torch's idiom: the model and the optimizer are updated in place.
+`torch_ref.train` builds a run from these and runs its epochs.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from flax_impl.common.config import Config
 from torch_ref.augment import random_rotate
@@ -35,18 +35,14 @@ def nll_loss(log_probs: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
     return F.nll_loss(log_probs, labels)
 
 
-def create_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
-    """The exponential moving average of `model`'s parameters; its BatchNorm statistics follow
-    the model's (use_buffers=False)."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
-
-
 def train_step(model, optimizer, scheduler, images, labels, config: Config,
                generator: torch.Generator, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """One step on a uint8 batch: rotate, normalise, forward, backward, update. Returns the loss.
+    """One step of SGD on a uint8 batch (`model` in training mode): rotate, normalise, forward,
+    backward, update; the loss (a tensor, not synced).
 
     `part` (i, n): the batch is rank i's share of a global batch of n ranks (`random_rotate`).
     """
+    model.train()
     inputs = to_inputs(images, lambda pixels: random_rotate(pixels, config.max_rotation,
                                                             generator, part),
                        dtype=next(model.parameters()).dtype)
@@ -70,3 +66,12 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int
         loss_sum += F.nll_loss(log_probs, target, reduction="sum").item()
         correct += (log_probs.argmax(1) == target).sum().item()
     return loss_sum / len(images), correct
+
+
+def epoch_plan(generator: torch.Generator, num_train: int, steps: int, batch_size: int
+               ) -> torch.Tensor:
+    """The batches' example indices (steps, B) of one epoch: a permutation of the `num_train`
+    examples drawn from `generator` (once per epoch, so a resumed run restores the generator
+    with the checkpoint), the last partial batch dropped."""
+    order = torch.randperm(num_train, generator=generator)
+    return order[:steps * batch_size].view(steps, batch_size)

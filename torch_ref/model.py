@@ -1,7 +1,7 @@
-"""The networks in PyTorch: `Net` (ours, < 20k parameters) and `SeedNet` (the seed README's).
+"""The network in PyTorch: `Net`, < 20k parameters, at the widths of the model table.
 
-Mirrors `flax_impl/model.py` layer for layer and name for name. Input: float32 NCHW (B, 1, 28, 28),
-`to_inputs(uint8 images)`. Output: (B, 10) log-probabilities.
+Mirrors `flax_impl/model.py` layer for layer and name for name: float32 NCHW (B, 1, 28, 28) in,
+`to_inputs(uint8 images)`, (B, 10) log-probabilities out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flax_impl.common.data import normalize
-from flax_impl.common.models import MODELS, model_spec, model_widths
+from flax_impl.common.models import MODELS, model_widths
 
 
 def to_inputs(images: torch.Tensor, augment: Callable | None = None,
@@ -67,37 +67,7 @@ class Net(nn.Module):
         return F.log_softmax(self.head(x), dim=1)
 
 
-class SeedNet(nn.Module):
-    """The base network exactly as the seed README describes it (about 6.4M parameters).
-
-    3x3 convs of 32, 64 (padding 1), 2x2 max-pool, 128, 256 (padding 1), 2x2 max-pool, 512, 1024
-    (no padding: 7 -> 5 -> 3), 10 (3 -> 1); ReLU after each conv but the last; log-softmax.
-    `widths`: the first six convs' channels.
-    """
-
-    def __init__(self, widths: tuple[int, ...] = MODELS["seednet"].widths):
-        super().__init__()
-        w1, w2, w3, w4, w5, w6 = widths
-        self.conv1 = nn.Conv2d(1, w1, 3, padding=1)
-        self.conv2 = nn.Conv2d(w1, w2, 3, padding=1)
-        self.conv3 = nn.Conv2d(w2, w3, 3, padding=1)
-        self.conv4 = nn.Conv2d(w3, w4, 3, padding=1)
-        self.conv5 = nn.Conv2d(w4, w5, 3)
-        self.conv6 = nn.Conv2d(w5, w6, 3)
-        self.conv7 = nn.Conv2d(w6, 10, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
-        x = F.max_pool2d(F.relu(self.conv4(F.relu(self.conv3(x)))), 2)
-        x = self.conv7(F.relu(self.conv6(F.relu(self.conv5(x)))))
-        return F.log_softmax(x.flatten(1), dim=1)
-
-
-def create_model(name: str, dropout: float = 0.05,
-                 widths: tuple[int, ...] | None = None) -> nn.Module:
-    """A fresh model `name` of the table (`flax_impl.common.models`), at `widths` (default: its
+def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | None = None) -> Net:
+    """A fresh model `name` of the table (`flax_impl.common.models`) at `widths` (default: its
     own)."""
-    family, widths = model_spec(name).family, model_widths(name, widths)
-    if family == "seednet":  # no dropout
-        return SeedNet(widths)
-    return Net(dropout, widths)
+    return Net(dropout, model_widths(name, widths))

@@ -38,9 +38,6 @@ class Config:
     max_rotation: float = 7.0  # degrees; each training image is rotated by U(-max, max)
     dropout: float = 0.05
     label_smoothing: float = 0.0  # torch's cross_entropy(label_smoothing=...)
-    # An exponential moving average of the parameters, scored and saved as the model (torch's
-    # AveragedModel with get_ema_multi_avg_fn); 0: none.
-    ema_decay: float = 0.0
     seed: int = 0
     data_source: str = "auto"
     train_examples: int | None = None  # use only the first N training images (smoke tests)
@@ -79,8 +76,18 @@ class Config:
         return "val" if self.validation else "test"
 
     def steps_per_epoch(self, num_train: int) -> int:
-        """Full batches per epoch; the last partial batch is dropped."""
+        """Full batches per epoch; the last partial batch is dropped (ConfigError if none)."""
+        if num_train < self.batch_size:
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the {num_train} "
+                              f"training images")
         return num_train // self.batch_size
+
+    def check_devices(self, devices: int) -> None:
+        """ConfigError unless the batches divide evenly over `devices`."""
+        if self.batch_size % devices or self.eval_batch_size % devices:
+            raise ConfigError(f"--batch-size {self.batch_size} and the eval batch size "
+                              f"({self.eval_batch_size}) must divide evenly over {devices} "
+                              f"devices")
 
     def to_json(self) -> str:
         """The config as indented JSON (what `config.json` in a workdir holds)."""
@@ -126,7 +133,7 @@ def validate(config: Config) -> Config:
     if config.train_examples is not None and config.train_examples <= 0:
         raise ConfigError(f"--train-examples must be > 0, got {config.train_examples}")
     for name in ("lr", "weight_decay", "dropout", "max_rotation", "label_smoothing",
-                 "ema_decay", "warmup_fraction"):  # NaN passes every comparison
+                 "warmup_fraction"):  # NaN passes every comparison
         if not math.isfinite(getattr(config, name)):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got "
                               f"{getattr(config, name)}")
@@ -140,15 +147,30 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"--dropout must be in [0, 1), got {config.dropout}")
     if not 0 <= config.max_rotation <= 180:
         raise ConfigError(f"--max-rotation must be in [0, 180] degrees, got {config.max_rotation}")
-    for name in ("label_smoothing", "ema_decay"):
-        if not 0 <= getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got "
-                              f"{getattr(config, name)}")
+    if not 0 <= config.label_smoothing < 1:
+        raise ConfigError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     return config
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The flags both training commands take, with the recipe's defaults."""
+KERNEL_CHOICES = ("auto", "stock", "fast")
+STEPS_PER_CALL = 39  # Flax's train steps per jitted call (docs/performance.md)
+
+
+def positive_int(text: str) -> int:
+    """An integer > 0; the `type` of such a flag (an argparse error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes an integer > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def build_parser(prog: str, description: str, framework: str = "torch"
+                 ) -> argparse.ArgumentParser:
+    """The flags of a training command, with the recipe's defaults; `framework` "flax" adds
+    the Flax-only ones (--api, --steps-per-call, --kernels)."""
     defaults = Config()
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -162,8 +184,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         parser.add_argument(name, default=argparse.SUPPRESS,
                             help=f"{help} (default recipe: {shown})".strip(), **kwargs)
 
-    recipe_flag("--model", "network to train (seednet is the seed README's >20k base network)",
-                choices=MODELS)
+    recipe_flag("--model", "network to train (flax_impl/common/models.py)", choices=MODELS)
     parser.add_argument("--widths", type=parse_widths, default=None, metavar="W1,...,W6",
                         help="the six conv blocks' channels, e.g. 8,10,12,12,14,14 (default: "
                              "the model's own, flax_impl/common/models.py)")
@@ -177,8 +198,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     recipe_flag("--max-rotation", "random rotation range in degrees (0 disables augmentation)",
                 type=float)
     recipe_flag("--label-smoothing", type=float)
-    recipe_flag("--ema-decay", "moving average of the weights, scored and saved (0: none)",
-                type=float)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--data-source", default=defaults.data_source,
                         help=f"where MNIST comes from: {', '.join(SOURCES)}")
@@ -193,11 +212,22 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="continue the run in --workdir from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace another run's results in --workdir")
+    if framework == "flax":
+        parser.add_argument("--api", default=defaults.api, choices=API_CHOICES,
+                            help="the network in Flax linen (flax_impl/model.py) or Flax NNX "
+                                 "(flax_impl/nnx_model.py)")
+        parser.add_argument("--steps-per-call", type=positive_int, default=STEPS_PER_CALL,
+                            help="train steps per jitted call (a lax.scan)")
+        parser.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                            help="stock: nn.Conv, nn.max_pool, gather rotation; fast: the CPU "
+                                 "kernels of flax_impl/extras/fast; auto: fast on the CPU")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The validated Config the parsed flags describe: the recipe, then the flags given."""
+    if getattr(args, "resume", False) and args.workdir is None:
+        raise ConfigError("--resume continues the run in --workdir: give --workdir")
     fields = {f.name for f in dataclasses.fields(Config)} - {"recipe"}
     given = {k: v for k, v in vars(args).items() if k in fields}
     return validate(recipe_config(args.recipe, **given))

@@ -15,25 +15,21 @@ PARAMETER_LIMIT = 20_000  # the project's budget
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A network of the table.
+    """A network of the table: `Net` (six 3x3 conv blocks, one max-pool, global average pooling,
+    a linear head) at `widths`, the six blocks' channels; `budget`: the parameter count it must
+    stay under."""
 
-    family: "net" (six 3x3 conv blocks, one max-pool, global average pooling, a linear head) or
-    "seednet" (the seed README's plain stack of seven 3x3 convs). widths: the channels of the six
-    conv blocks (net) or of the first six convs (seednet). budget: the parameter count it must
-    stay under (None: measured against PARAMETER_LIMIT only).
-    """
-
-    family: str
     widths: tuple[int, ...]
-    budget: int | None = None
+    budget: int = PARAMETER_LIMIT
 
 
 MODELS: dict[str, ModelSpec] = {
-    "net": ModelSpec("net", (10, 16, 16, 16, 24, 32), PARAMETER_LIMIT),  # the default recipe's
-    "tinynet": ModelSpec("net", (8, 10, 12, 12, 14, 14), 7_000),
-    "widenet": ModelSpec("net", (10, 16, 20, 20, 24, 32), PARAMETER_LIMIT),  # the fast recipe's
-    "seednet": ModelSpec("seednet", (32, 64, 128, 256, 512, 1024)),
+    "net": ModelSpec((10, 16, 16, 16, 24, 32)),  # the default recipe's
+    "tinynet": ModelSpec((8, 10, 12, 12, 14, 14), 7_000),
+    "widenet": ModelSpec((10, 16, 20, 20, 24, 32)),  # the fast recipe's
 }
+# The seed README's network (`compare.seednet`): seven 3x3 convs, the first six of these widths.
+SEEDNET_WIDTHS = (32, 64, 128, 256, 512, 1024)
 NUM_WIDTHS = 6
 
 

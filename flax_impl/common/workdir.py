@@ -103,6 +103,16 @@ class EpochFiles:
             self.draw()
 
 
+def check_free_space(directory: Path, state_bytes: int) -> None:
+    """WorkdirError if the disk holding `directory` lacks room for a checkpoint of a state of
+    `state_bytes` (before anything is written: the last complete checkpoint stays)."""
+    needed = 2 * state_bytes + 2**16  # with metadata
+    if (free := shutil.disk_usage(directory).free) < needed:
+        raise WorkdirError(f"the disk holding {directory} has {free / 2**20:.1f} MiB free, a "
+                           f"checkpoint needs about {needed / 2**20:.1f}; the last complete "
+                           f"checkpoint is kept: free some space, then --resume")
+
+
 def prepare_workdir(workdir: Path, config: Config, framework: str, resume: bool,
                     overwrite: bool, primary: bool = True,
                     barrier: Callable[[], None] = lambda: None) -> bool:

@@ -3,7 +3,7 @@
 Every process runs `python -m flax_impl.train` with the same flags plus its own
 `--process-id` (or lets jax.distributed detect them on SLURM, a TPU pod, Open MPI). After
 `initialize`, `jax.devices()` lists all processes' devices and the run's mesh spans them
-(`flax_impl.setup`): each process computes its own rows of every batch, the collectives (gloo
+(`flax_impl.train`): each process computes its own rows of every batch, the collectives (gloo
 on CPU) join them. Process 0 alone prints and writes the workdir; Orbax saves and restores the
 checkpoints with all processes taking part.
 """
@@ -103,6 +103,13 @@ def initialize(cluster: Cluster) -> None:
             f"jax.distributed.initialize failed ({first_line(error)}); check that every "
             f"process runs with the same --coordinator-address and --num-processes, a "
             f"distinct --process-id, and that process 0 is reachable") from None
+
+
+def start(args: argparse.Namespace) -> str | None:
+    """Join the multi-process run the flags of `add_flags` ask for (nothing for a single
+    process); this process's name in the run ("process 0 of 2"), None for a single one."""
+    initialize(cluster_from_args(args))
+    return describe()
 
 
 def is_primary() -> bool:

@@ -1,4 +1,4 @@
-"""Where speed numbers come from: the CPU's name, vector extensions and rough peak."""
+"""The machine a result was measured on: CPU name, vector extensions, rough peak (no jax, no torch)."""
 
 from __future__ import annotations
 
