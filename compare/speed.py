@@ -10,7 +10,9 @@ The training steps are timed in alternating rounds (one Flax scan call, then as 
 so that both see the same machine, and the speed-up is also given as the median of the rounds'
 ratios.
 Also the training FLOPs per image (convolutions and head, counted from the layer shapes) and
-the achieved GFLOP/s. A benchmark: it prints numbers and asserts nothing.
+the achieved GFLOP/s. `--ablation` also times Flax with each CPU kernel of `flax_impl.extras.fast`
+undone (`dataclasses.replace` of the `FAST` kernels) and stock Flax; `--nnx` the NNX port
+(`--api nnx`) against linen. A benchmark: it prints numbers and asserts nothing.
 """
 
 from __future__ import annotations
@@ -29,20 +31,20 @@ import flax.linen as nn
 import jax
 import numpy as np
 import torch
-from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from compare.host import cpu_name, peak_gflops, vector_extensions
 from flax_impl import augment as flax_augment
 from flax_impl import core as flax_core
-from flax_impl import model as flax_model
-from flax_impl import nnx_model
-from flax_impl import setup as flax_setup
-from flax_impl.common.config import RECIPES, Config, recipe_config
+from flax_impl import train as flax_train
+from flax_impl.common.config import RECIPES, STEPS_PER_CALL, Config, recipe_config
 from flax_impl.common.data import load_mnist
 from flax_impl.extras import fast as flax_fast
 from flax_impl.extras.compile_cache import use_compilation_cache
-from flax_impl.extras.kernels import FAST, STOCK, Kernels
-from torch_ref import setup as torch_setup
+from flax_impl.extras.kernels import FAST, STOCK, Kernels, get_kernels
+from torch_ref import core as torch_core
+from torch_ref import train as torch_train
 from torch_ref.model import create_model as create_torch_model
 
 
@@ -87,64 +89,86 @@ def spread(times: list[float]) -> dict:
 
 
 class FlaxBench:
-    """The Flax training run as `flax_impl.train` builds it (`setup_training`), ready to time."""
+    """The Flax training run as `flax_impl.train.train` builds it, ready to time: `create_port`,
+    the jitted chunk (`core.make_train_chunk`), the evaluation and the epoch plan, on a 1-D mesh
+    of `devices` (default: all)."""
 
     def __init__(self, data, config: Config, steps_per_call: int,
-                 kernels: str | Kernels = "auto"):
-        flax_setup.programs.cache_clear()  # the warm-up traces and compiles, as a new process
-        self.run = flax_setup.setup_training(config, data, kernels=kernels,
-                                            steps_per_call=steps_per_call)
-        self.steps_per_call, self.steps = steps_per_call, self.run.steps_per_epoch
-        self.state, self.plan = self.run.state, self.run.plan(1)
-        start = time.perf_counter()
+                 kernels: str | Kernels = "auto", devices: list | None = None):
+        self.config, self.steps_per_call = config, steps_per_call
+        count = config.training_images(len(data.train_images))
+        self.steps = config.steps_per_epoch(count)
+        mesh = Mesh(np.array(devices or jax.devices()), ("data",))
+        replicated, batches = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        port = flax_train.create_port(config, config.epochs * self.steps, get_kernels(kernels))
+        init_key, train_key = jax.random.split(jax.random.key(config.seed))
+        self.train_data = jax.device_put((data.train_images[:count], data.train_labels[:count]),
+                                         replicated)
+        self.eval_data = jax.device_put(config.evaluation_set(data), replicated)
+        self.train_chunk = flax_core.make_train_chunk(port.train_step, batches)
+        self._evaluate = flax_core.make_evaluate(port.log_probs, config.eval_batch_size, batches)
+        plan = jax.jit(functools.partial(flax_core.epoch_plan, train_key, num_train=count,
+                                         steps=self.steps, batch_size=config.batch_size),
+                       out_shardings=(NamedSharding(mesh, P(None, "data")), replicated))
+        start = time.perf_counter()  # from here on: compiling and a first run of each program
+        self.state = jax.jit(port.init, out_shardings=replicated)(init_key)
+        self.indices, self.keys = plan(1)
         self._run(0, steps_per_call)
         self.evaluate()
         self.warmup_seconds = time.perf_counter() - start
 
     def _run(self, first: int, stop: int):
-        self.state, metrics = self.run.run_chunk(self.state, self.plan, first, stop)
+        self.state, metrics = self.train_chunk(self.state, *self.train_data,
+                                               self.indices[first:stop], self.keys[first:stop])
         return metrics
 
     def train(self, chunk: int, calls: int = 1) -> float:
         """Seconds per step of `calls` scan calls from the `chunk`-th of the epoch, cyclically."""
         start = time.perf_counter()
         for call in range(chunk, chunk + calls):
-            first = (call * self.steps_per_call) % (self.steps - self.steps_per_call)
+            first = (call * self.steps_per_call) % max(1, self.steps - self.steps_per_call)
             metrics = self._run(first, first + self.steps_per_call)
         jax.block_until_ready(metrics)
         return (time.perf_counter() - start) / (calls * self.steps_per_call)
 
     def evaluate(self) -> float:
-        """Seconds to evaluate the 10k test images."""
+        """Seconds to evaluate the test images."""
         start = time.perf_counter()
-        jax.block_until_ready(self.run.evaluate(flax_core.variables_of(self.state),
-                                                *self.run.eval_data))
+        jax.block_until_ready(self._evaluate(self.state, *self.eval_data))
         return time.perf_counter() - start
 
     def epoch(self) -> float:
-        """Seconds for one epoch of training, as `flax_impl.train` runs it."""
+        """Seconds for one epoch of training, as `flax_impl.train.train_loop` runs it (a host
+        sync of the chunk's loss after each call)."""
         start = time.perf_counter()
-        for first, stop in flax_core.chunk_bounds(self.steps, self.steps_per_call):
-            metrics = self._run(first, stop)
-        jax.block_until_ready(metrics)
+        for first in range(0, self.steps, self.steps_per_call):
+            metrics = self._run(first, min(first + self.steps_per_call, self.steps))
+            float(metrics["loss"].sum())
         return time.perf_counter() - start
 
 
 class TorchBench:
-    """The torch training run as `torch_ref.train` builds it (`setup_training`), ready to time."""
+    """The torch training run as `torch_ref.train.train` builds it (`create_run`), its steps
+    `core.train_step` over the batches of `core.epoch_plan`, ready to time."""
 
-    def __init__(self, data, config: Config):
-        self.run = torch_setup.setup_training(config, data)
+    def __init__(self, data, config: Config, device: str = "auto"):
+        self.config = config
+        self.run = torch_train.create_run(config, data, device)
         self.steps = self.run.steps_per_epoch
-        self.order = self.run.plan()
+        self.batches = torch_core.epoch_plan(self.run.generator, len(self.run.train_data[1]),
+                                             self.steps, config.batch_size).to(self.run.device)
         self.done = 0
         start = time.perf_counter()
         self.train(3)
         self.warmup_seconds = time.perf_counter() - start
 
-    def _step(self):
+    def _step(self) -> torch.Tensor:
+        batch = self.batches[self.done % self.steps]
         self.done += 1
-        return self.run.run_step(self.order, (self.done - 1) % self.steps)
+        images, labels = self.run.train_data
+        return torch_core.train_step(self.run.train_model, self.run.optimizer, self.run.scheduler,
+                                     images[batch], labels[batch], self.config,
+                                     self.run.generator)
 
     def _sync(self):
         if self.run.device.type == "cuda":  # CUDA runs asynchronously: wait for the step
@@ -161,9 +185,9 @@ class TorchBench:
         return times
 
     def evaluate(self) -> float:
-        """Seconds to evaluate the 10k test images."""
+        """Seconds to evaluate the test images."""
         start = time.perf_counter()
-        self.run.score()
+        torch_train.score(self.run, self.config.eval_batch_size)
         return time.perf_counter() - start
 
     def epoch(self) -> float:
@@ -198,8 +222,9 @@ def side_by_side(flax: FlaxBench, torch_bench: TorchBench, rounds: int, epoch: b
                   "warmup_seconds": torch_bench.warmup_seconds,
                   "threads": torch.get_num_threads()},
         "paired_step_speedup": statistics.median(ratios),
-        "model": flax.run.config.model,
-        "train_flops_per_image": train_flops_per_image(flax.run.config.model),
+        "model": flax.config.model,
+        "steps_per_epoch": flax.steps,
+        "train_flops_per_image": train_flops_per_image(flax.config.model),
     }
     if epoch:
         results["flax"]["epoch_seconds"] = flax.epoch()
@@ -213,15 +238,17 @@ def ablation_variants() -> dict[str, Kernels]:
     first_layer_as_others: XLA's convolution forward and a product per tap for the first layer's
     kernel gradient (no im2col); gather_rotation: `augment.rotate` (a gather) instead of shifted
     copies; stock_pool: `nn.max_pool` (a reduce-window and select-and-scatter); stock_conv:
-    `nn.Conv` (XLA's own convolution gradients); stock: all four.
+    `jax.lax.conv_general_dilated` (XLA's own convolution gradients); stock: all four.
     """
-    no_im2col = functools.partial(flax_fast.conv_general_dilated, im2col_channels=0)
     return {
         "first_layer_as_others": dataclasses.replace(
-            FAST, conv=functools.partial(nn.Conv, conv_general_dilated=no_im2col)),
-        "gather_rotation": dataclasses.replace(FAST, rotate=flax_augment.rotate),
-        "stock_pool": dataclasses.replace(FAST, max_pool=nn.max_pool),
-        "stock_conv": dataclasses.replace(FAST, conv=nn.Conv),
+            FAST, name="fast, no im2col", conv_general_dilated=functools.partial(
+                flax_fast.conv_general_dilated, im2col_channels=0)),
+        "gather_rotation": dataclasses.replace(FAST, name="fast, gather rotation",
+                                               rotate=flax_augment.rotate),
+        "stock_pool": dataclasses.replace(FAST, name="fast, stock pool", max_pool=nn.max_pool),
+        "stock_conv": dataclasses.replace(FAST, name="fast, stock conv",
+                                          conv_general_dilated=jax.lax.conv_general_dilated),
         "stock": STOCK,
     }
 
@@ -249,66 +276,18 @@ def ablation(data, config: Config, rounds: int, steps_per_call: int) -> dict:
             for name, ts in times.items()}
 
 
-class NnxJitBench:
-    """The same train step written as NNX code usually is: the module and an `nnx.Optimizer`
-    mutated in place under `nnx.jit`, one step per call (NNX's own per-call graph traversal)."""
-
-    def __init__(self, data, config: Config, kernels: str | Kernels = "auto"):
-        chosen = flax_setup.get_kernels(kernels)
-        run = flax_setup.setup_training(dataclasses.replace(config, api="nnx"), data,
-                                        devices=jax.devices()[:1], kernels=chosen)
-        self.model = nnx_model.create_model(
-            config.model, config.dropout, config.widths, key=jax.random.key(config.seed),
-            conv_general_dilated=chosen.conv_general_dilated, max_pool=chosen.max_pool)
-        self.optimizer = nnx.Optimizer(self.model, run.state.tx, wrt=nnx.Param)
-        self.images, self.labels = run.train_data
-        self.batch = config.batch_size
-
-        @nnx.jit
-        def step(model, optimizer, images, labels, key):
-            rotate_key, dropout_key = jax.random.split(key)
-            inputs = flax_model.to_inputs(images, lambda pixels: flax_augment.random_rotate(
-                pixels, config.max_rotation, rotate_key, chosen.rotate))
-
-            def loss_fn(model):
-                log_probs = model(inputs, train=True, dropout_key=dropout_key)
-                return flax_core.nll_loss(log_probs, labels, config.label_smoothing)
-
-            loss, grads = nnx.value_and_grad(loss_fn)(model)
-            optimizer.update(model, grads)
-            return loss
-
-        self.step = step
-        start = time.perf_counter()
-        jax.block_until_ready(self._step(0))
-        self.warmup_seconds = time.perf_counter() - start
-
-    def _step(self, i: int):
-        first = (i * self.batch) % (len(self.labels) - self.batch)
-        return self.step(self.model, self.optimizer, self.images[first:first + self.batch],
-                         self.labels[first:first + self.batch], jax.random.key(i))
-
-    def train(self, chunk: int, calls: int = 1) -> float:
-        """Seconds per step of `calls` single steps."""
-        start = time.perf_counter()
-        for i in range(chunk * calls, (chunk + 1) * calls):
-            loss = self._step(i)
-        jax.block_until_ready(loss)
-        return (time.perf_counter() - start) / calls
-
-
 def nnx_comparison(data, config: Config, rounds: int, steps_per_call: int) -> dict:
-    """The NNX port against linen, timed in turns: the product's split-state scan (`--api nnx`)
-    against linen's, and single steps (a Python loop of jitted steps) of linen, of the NNX
-    split-state step and of the NNX step under `nnx.jit`. Median ms per step, and each one's
-    slow-down against linen's at the same steps per call (the median of the rounds' ratios)."""
+    """The NNX port (`--api nnx`: `nnx.Optimizer` and the NNX step, its state split through
+    `jax.jit` and `lax.scan`) against linen's, timed in turns: the product's scan of
+    `steps_per_call` steps, and single steps (a Python loop of jitted steps). Median ms per step,
+    compile time, and each one's slow-down against linen's at the same steps per call (the median
+    of the rounds' ratios)."""
     nnx_config = dataclasses.replace(config, api="nnx")
     benches = {  # name: (bench, calls per round, its linen baseline)
         "linen_scan": (FlaxBench(data, config, steps_per_call), 1, "linen_scan"),
         "nnx_scan": (FlaxBench(data, nnx_config, steps_per_call), 1, "linen_scan"),
         "linen_step": (FlaxBench(data, config, 1), steps_per_call, "linen_step"),
         "nnx_step": (FlaxBench(data, nnx_config, 1), steps_per_call, "linen_step"),
-        "nnx_jit_step": (NnxJitBench(data, config), steps_per_call, "linen_step"),
     }
     times = {name: [] for name in benches}
     for i in range(rounds):
@@ -323,10 +302,9 @@ def nnx_comparison(data, config: Config, rounds: int, steps_per_call: int) -> di
 
 NNX_VARIANTS = {
     "linen_scan": "linen, lax.scan of steps (the product)",
-    "nnx_scan": "NNX split into its state, lax.scan (--api nnx)",
+    "nnx_scan": "NNX, state split through lax.scan (--api nnx)",
     "linen_step": "linen, one jitted step per call",
-    "nnx_step": "NNX split into its state, one jax.jit step per call",
-    "nnx_jit_step": "NNX module and nnx.Optimizer under nnx.jit, one step per call",
+    "nnx_step": "NNX, state split, one jitted step per call",
 }
 
 
@@ -342,7 +320,7 @@ def machine() -> dict:
 
 
 ABLATIONS = {
-    "default": "fast kernels (flax_impl.extras.fast conv, pool, rotation; lax.scan)",
+    "default": "fast kernels (flax_impl.extras.fast; lax.scan)",
     "first_layer_as_others": "first layer like the others (no im2col, XLA forward)",
     "gather_rotation": "rotation by gathering (map_coordinates)",
     "stock_pool": "XLA's own max-pool gradient (nn.max_pool)",
@@ -378,7 +356,8 @@ def report(results: dict) -> str:
         "img/s", True)
     add("compile / warm-up", f["warmup_seconds"], t["warmup_seconds"], "s", False)
     if "epoch_seconds" in f:
-        add("full epoch (468 steps)", f["epoch_seconds"], t["epoch_seconds"], "s", False)
+        add(f"full epoch ({results.get('steps_per_epoch', 468)} steps)", f["epoch_seconds"],
+            t["epoch_seconds"], "s", False)
     flops = results["train_flops_per_image"]
     achieved = flops * 1e3 / f["step"]["median_ms"] * batch / 1e9
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, [30, 20, 20, 16], strict=True)).rstrip()
@@ -427,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time Flax with each fast kernel undone, and stock Flax "
                              "(slow: six more compiles)")
     parser.add_argument("--nnx", action="store_true",
-                        help="also time the NNX port beside linen: split-state scan and single "
-                             "steps, and the step under nnx.jit")
+                        help="also time the NNX port (--api nnx) beside linen: the scan of steps "
+                             "and single steps")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
     parser.add_argument("--data-source", default="auto")
     parser.add_argument("--recipe", default="default", choices=RECIPES,
@@ -437,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = use_compilation_cache()
     config = recipe_config(args.recipe, data_source=args.data_source)
     data = load_mnist(args.data_source)
-    steps_per_call = args.steps_per_call or flax_setup.DEFAULT_STEPS_PER_CALL
+    steps_per_call = args.steps_per_call or STEPS_PER_CALL
     results = {"batch_size": config.batch_size, "steps_per_call": steps_per_call,
                "machine": machine(), "compilation_cache": str(cache) if cache else None}
     rounds = max(1, args.steps // steps_per_call)

@@ -81,8 +81,7 @@ def train_inputs(config: Config, images: jax.Array, key: jax.Array,
 
 
 class TrainState(train_state.TrainState):
-    """Step, parameters and optimizer state (Flax's TrainState), and BatchNorm's running
-    statistics."""
+    """Flax's TrainState (step, parameters, optimizer state) and BatchNorm's statistics."""
 
     batch_stats: Any
 
@@ -185,10 +184,8 @@ def make_evaluate(log_probs: Callable, batch_size: int, batch_sharding) -> Calla
 
 
 def epoch_plan(key: jax.Array, epoch: int, num_train: int, steps: int, batch_size: int):
-    """The batches' example indices (steps, B) and the step keys (steps,) of one epoch.
-
-    Derived from the run's key and the epoch number alone, so a resumed run repeats them.
-    """
+    """The batches' example indices (steps, B) and the step keys (steps,) of one epoch, from
+    the run's key and the epoch number alone: a resumed run repeats them."""
     epoch_key = jax.random.fold_in(key, epoch)
     order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), num_train)
     indices = order[:steps * batch_size].reshape(steps, batch_size)

@@ -14,8 +14,12 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from flax_impl.common.atomic import atomic_write
+from flax_impl.common.config import OneLineParser
 from flax_impl.common.data import load_mnist
-from flax_impl.common.errors import DataError, WorkdirError
+from flax_impl.common.errors import WorkdirError, run_command
+from flax_impl.common.report import quiet_library_logs
+from flax_impl.common.signals import SignalWatch
 from flax_impl.extras.compile_cache import use_compilation_cache
 from flax_impl.predict import WorkdirReader, load_trained
 
@@ -44,7 +48,7 @@ def plot_confusion(counts: np.ndarray, path: Path) -> None:
     axis.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true",
              title=f"Confusion matrix ({np.trace(counts)}/{counts.sum()} correct)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=100, format="png"))
     plt.close(figure)
 
 
@@ -67,47 +71,47 @@ def plot_errors(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
         axis.set_title(f"{labels[index]} -> {predictions[index]}", fontsize=9, color="C3")
     figure.suptitle(f"Misclassified test digits (true -> predicted), {len(wrong)} shown")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=100, format="png"))
     plt.close(figure)
 
 
 def main(argv: list[str] | None = None, readers: dict[str, WorkdirReader] | None = None,
          prog: str = "python -m flax_impl.evaluate") -> int:
     """Command-line entry point; `readers`: see `flax_impl.predict.trained_variables`."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=prog, description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, type=Path, help="a training workdir")
     parser.add_argument("--data-source", default=None,
                         help="default: the source the model was trained with")
-    parser.add_argument("--out", type=Path, default=None, help="where the pictures go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the pictures go (default: the workdir)")
     args = parser.parse_args(argv)
     use_compilation_cache()
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {args.out} is a file; name a directory for the pictures",
-              file=sys.stderr)
-        return 2
-    try:
+    quiet_library_logs()
+
+    def body():
+        out = args.out or args.workdir
+        if out.exists() and not out.is_dir():
+            raise WorkdirError(f"--out {out} is a file; name a directory for the pictures")
         log_probs, config = load_trained(args.workdir, readers)
         data = load_mnist(args.data_source or config.data_source)
-    except (WorkdirError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    images, labels = data.test_images, data.test_labels
-    predictions = np.concatenate([
-        np.asarray(log_probs(jnp.asarray(images[i:i + 1000]))).argmax(-1)
-        for i in range(0, len(images), 1000)])
-    counts = confusion_matrix(labels, predictions)
-    correct = int(np.trace(counts))
-    print(f"Test accuracy: {correct}/{len(labels)} ({100 * correct / len(labels):.2f}%)")
-    print("Per class: " + ", ".join(
-        f"{digit}: {100 * counts[digit, digit] / max(counts[digit].sum(), 1):.2f}%"
-        for digit in range(10)))
-    out = args.out or args.workdir
-    out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(counts, out / "confusion.png")
-    plot_errors(images, labels, predictions, out / "errors.png")
-    print(f"Wrote {out / 'confusion.png'} and {out / 'errors.png'}")
-    return 0
+        images, labels = data.test_images, data.test_labels
+        predictions = np.concatenate([
+            np.asarray(log_probs(jnp.asarray(images[i:i + 1000]))).argmax(-1)
+            for i in range(0, len(images), 1000)])
+        counts = confusion_matrix(labels, predictions)
+        correct = int(np.trace(counts))
+        print(f"Test accuracy: {correct}/{len(labels)} ({100 * correct / len(labels):.2f}%)")
+        print("Per class: " + ", ".join(
+            f"{digit}: {100 * counts[digit, digit] / max(counts[digit].sum(), 1):.2f}%"
+            for digit in range(10)))
+        out.mkdir(parents=True, exist_ok=True)
+        plot_confusion(counts, out / "confusion.png")
+        plot_errors(images, labels, predictions, out / "errors.png")
+        print(f"Wrote {out / 'confusion.png'} and {out / 'errors.png'}")
+
+    with SignalWatch():
+        return run_command(body)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,8 @@ def torch_default_bias_init(fan_in: int) -> Callable:
 
 
 def to_inputs(images: jax.Array, augment: Callable | None = None) -> jax.Array:
-    """uint8 (B, 28, 28) -> the model's input, float32 (B, 28, 28, 1) normalised.
-
-    `augment`, if given, transforms the [0, 1] pixels before normalisation (so that what a
-    rotation brings in from outside the image is black).
-    """
+    """uint8 (B, 28, 28) -> the model's input, float32 (B, 28, 28, 1) normalised; `augment`
+    transforms the [0, 1] pixels first (what a rotation brings in from outside is black)."""
     pixels = images[..., None].astype(jnp.float32) / 255.0
     return normalize(augment(pixels) if augment else pixels)
 

@@ -19,7 +19,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flax_impl.common.errors import WorkdirError
+from flax_impl.common.config import OneLineParser
+from flax_impl.common.errors import DataError, WorkdirError, run_command
+from flax_impl.common.report import quiet_library_logs
+from flax_impl.common.signals import SignalWatch
 from flax_impl.common.workdir import load_config, workdir_record
 from flax_impl.extras.compile_cache import use_compilation_cache
 from flax_impl.extras.kernels import STOCK
@@ -39,7 +42,8 @@ def restore_variables(workdir: str | Path) -> dict:
                           jax.eval_shape(port.init, jax.random.key(0)))
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                            save_interval_steps=0, enable_async_checkpointing=False)
-    with ocp.CheckpointManager((Path(workdir) / CHECKPOINT_DIR).absolute(), options) as manager:
+    with ocp.CheckpointManager((Path(workdir) / CHECKPOINT_DIR).absolute(),
+                               options=options) as manager:
         restored = restore_checkpoint(manager, target)
     if restored is None:
         raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
@@ -51,7 +55,7 @@ WorkdirReader = Callable[[Path], dict]
 READERS: dict[str, WorkdirReader] = {"flax": restore_variables}
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
     """An image that cannot be classified, described in one line."""
 
 
@@ -176,26 +180,27 @@ def read_image(path: Path) -> np.ndarray:
 def main(argv: list[str] | None = None, readers: dict[str, WorkdirReader] | None = None,
          prog: str = "python -m flax_impl.predict") -> int:
     """Command-line entry point; `readers`: see `trained_variables`."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=prog, description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, type=Path, help="a training workdir")
     parser.add_argument("--top", type=int, default=1, help="show the K most likely digits")
     parser.add_argument("images", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    use_compilation_cache()
     if not 1 <= args.top <= 10:
         parser.error(f"--top must be between 1 and 10, got {args.top}")
-    try:
+    use_compilation_cache()
+    quiet_library_logs()
+
+    def body():
         images = np.stack([read_image(path) for path in args.images])  # before the model loads
         log_probs, _ = load_trained(args.workdir, readers)
-    except (WorkdirError, ImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    probabilities = np.exp(np.asarray(log_probs(jnp.asarray(images))))
-    for path, probs in zip(args.images, probabilities, strict=True):
-        best = np.argsort(-probs)[:args.top]
-        print(f"{path}: " + ", ".join(f"{d} ({100 * probs[d]:.1f}%)" for d in best))
-    return 0
+        probabilities = np.exp(np.asarray(log_probs(jnp.asarray(images))))
+        for path, probs in zip(args.images, probabilities, strict=True):
+            best = np.argsort(-probs)[:args.top]
+            print(f"{path}: " + ", ".join(f"{d} ({100 * probs[d]:.1f}%)" for d in best))
+
+    with SignalWatch():
+        return run_command(body)
 
 
 if __name__ == "__main__":

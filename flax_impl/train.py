@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import signal
 import sys
 import time
@@ -29,8 +28,8 @@ from flax_impl.common import errors
 from flax_impl.common import workdir as workdirs
 from flax_impl.common.config import STEPS_PER_CALL, Config, build_parser, config_from_args
 from flax_impl.common.data import load_mnist
-from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
-from flax_impl.common.signals import StopRequests
+from flax_impl.common.report import epoch_bar, printing, quiet_library_logs, record_epoch, summary_line
+from flax_impl.common.signals import SignalWatch, stop_requests
 from flax_impl.extras import distributed
 from flax_impl.extras.compile_cache import use_compilation_cache
 from flax_impl.extras.kernels import Kernels, get_kernels
@@ -88,10 +87,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()))
     except Exception as error:  # orbax/tensorstore raise many kinds for damaged files
-        raise errors.WorkdirError(f"checkpoint {manager.directory / str(step)} is corrupt or "
-                                  f"partial ({errors.first_line(error)}); delete it to use the "
-                                  f"previous one, or --overwrite") from None
-    return step, restored.state, Progress(**restored.progress)
+        raise errors.damaged_checkpoint(manager.directory / str(step), error) from None
+    where = f"checkpoint {manager.directory / str(step)}"
+    return step, restored.state, Progress(**workdirs.checked_progress(restored.progress, where))
 
 
 def train(config: Config, workdir: Path | None = None, resume: bool = False,
@@ -118,10 +116,9 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
         if workdir:  # the flags and the data are good: only now is an earlier run replaced
             workdirs.prepare_workdir(workdir, config, "flax", resume, overwrite, primary,
                                      lambda: distributed.barrier("workdir"))
-        processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
         print(f"Flax{' (NNX)' if config.api == 'nnx' else ''} on {mesh.size} "
-              f"{jax.default_backend()} device(s){processes}, "
-              f"{get_kernels(kernels).name} kernels, {steps_per_call} step(s) per jitted call")
+              f"{jax.default_backend()} device(s){distributed.describe(' in {count} processes') or ''}"
+              f", {get_kernels(kernels).name} kernels, {steps_per_call} step(s) per jitted call")
         train_chunk = core.make_train_chunk(port.train_step, batches)
         evaluate = core.make_evaluate(port.log_probs, config.eval_batch_size, batches)
         plan = jax.jit(functools.partial(core.epoch_plan, train_key, num_train=count, steps=steps,
@@ -148,7 +145,7 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
     if resume:
         state, progress = resume_point(manager, state, config.epochs * steps, steps)
     first_loss = None  # the first step's loss: what an exploded loss is measured against
-    with StopRequests() as stop, workdirs.EpochFiles(files) as epoch_files:
+    with stop_requests() as stop, workdirs.EpochFiles(files) as epoch_files:
         if progress.history:  # the checkpoint's records: metrics.jsonl as they were, whole
             epoch_files.write(progress.history)
         for epoch in range(progress.epoch, config.epochs + 1):
@@ -158,8 +155,8 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
                 for start in range(first, steps, steps_per_call):
                     # All processes agree (a collective) to stop at the same chunk.
                     if distributed.any_process(stop.signal is not None):
-                        raise stopped_by(stop.signal or signal.SIGTERM, manager, state,
-                                         progress, (epoch - 1) * steps + start)
+                        save_checkpoint(manager, (epoch - 1) * steps + start, state, progress)
+                        raise stopped(stop.signal, manager, progress)
                     end = min(start + steps_per_call, steps)
                     state, metrics = train_chunk(state, *train_data, indices[start:end],
                                                  keys[start:end])
@@ -178,16 +175,17 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
             progress = Progress(epoch + 1, 0, 0.0, progress.history)
             save_checkpoint(manager, epoch * steps, state, progress)
             epoch_files.write(progress.history)
+            if distributed.any_process(stop.signal is not None):  # (during the evaluation)
+                raise stopped(stop.signal, manager, progress)
     return progress.history
 
 
-def resume_point(manager: ocp.CheckpointManager | None, state, total: int, steps: int
+def resume_point(manager: ocp.CheckpointManager, state, total: int, steps: int
                  ) -> tuple[Any, Progress]:
     """The state (restored like `state`) and progress of the latest checkpoint; without one,
     `state` and a fresh start."""
-    restored = restore_checkpoint(manager, state) if manager else None
-    if restored is None:
-        print(f"--resume: no checkpoint in {manager and manager.directory}; starting afresh")
+    if (restored := restore_checkpoint(manager, state)) is None:
+        print(f"--resume: no checkpoint in {manager.directory}; starting afresh")
         return state, Progress()
     done, state, progress = restored
     if done > total or done != (progress.epoch - 1) * steps + progress.step:
@@ -199,13 +197,15 @@ def resume_point(manager: ocp.CheckpointManager | None, state, total: int, steps
     return state, progress
 
 
-def stopped_by(signum: int, manager, state, progress: Progress, step: int) -> Exception:
-    """Save a checkpoint at global step `step` (with a workdir); the TrainingStopped to raise."""
-    save_checkpoint(manager, step, state, progress)
-    where = (f"saved a checkpoint at epoch {progress.epoch}, step {progress.step}; continue "
-             f"with --resume" if manager else "nothing saved (no --workdir)")
-    return errors.TrainingStopped(f"{signal.Signals(signum).name}: stopped; {where}",
-                                  exit_code=128 + signum, together=True)
+def stopped(signum: int | None, manager, progress: Progress) -> Exception:
+    """The TrainingStopped of a signal (SIGTERM for a process that got none itself) once the
+    checkpoint of `progress` is saved."""
+    name = signal.Signals(signum or signal.SIGTERM).name
+    at = f"at epoch {progress.epoch}, step {progress.step}" if progress.step else \
+        f"after epoch {progress.epoch - 1}"
+    where = f"saved a checkpoint {at}; continue with --resume" if manager else "nothing saved"
+    return errors.TrainingStopped(f"{name}: stopped; {where}", together=True,
+                                  exit_code=128 + (signum or signal.SIGTERM))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,17 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     distributed.add_flags(parser)
     args = parser.parse_args(argv)
     use_compilation_cache()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("absl", "orbax", "jax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_logs()
 
     def body():
         config = config_from_args(args)
         with errors.peers_watched(distributed.start(args)), distributed.stops_together():
+            distributed.check_same_flags(config, args)
             train(config, args.workdir, args.resume, args.overwrite, args.steps_per_call,
                   kernels=args.kernels)
 
-    return distributed.leave(errors.run_command(body))
+    with SignalWatch("; the last checkpoint is kept: continue with --resume"):
+        return distributed.leave(errors.run_command(body))
 
 
 if __name__ == "__main__":

@@ -4,28 +4,47 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from compare import accuracy, params, speed, sweep
-from flax_impl.common.config import Config
-from tests.conftest import synthetic_mnist
+from compare.convert import MODEL_NAMES, nnx_module, torch_model
+from flax_impl import model as flax_model
+from flax_impl.common.config import Config, build_parser
+from flax_impl.common.models import MODELS, PARAMETER_LIMIT
+from flax_impl.extras.kernels import FAST, STOCK
 
 
-def test_params_table_matches_and_net_is_under_20k(capsys):
-    assert params.main(["--model", "all"]) == 0
-    out = capsys.readouterr().out
-    assert "verdict: MATCH; under 20,000 parameters" in out
-    assert "total: linen 6,379,786, nnx 6,379,786, torch 6,379,786" in out
+def test_params_counts_agree_in_all_three_and_each_table_model_is_under_its_budget(capsys):
+    assert params.main(["--model", "all", "--json"]) == 0
+    tables = {table["model"]: table for table in json.loads(capsys.readouterr().out)}
+    assert list(tables) == list(MODEL_NAMES)
+    for name, table in tables.items():
+        assert table["flax_total"] == table["nnx_total"] == table["torch_total"] > 0, name
+        assert table["match"] and all(row["match"] for row in table["rows"]), name
+    for name, spec in MODELS.items():
+        assert tables[name]["budget"] == spec.budget and tables[name]["under_limit"], name
+        assert tables[name]["flax_total"] < spec.budget <= PARAMETER_LIMIT, name
+    assert tables["seednet"]["budget"] is None  # the seed README's network: far over 20k
+    assert tables["seednet"]["flax_total"] > 100 * PARAMETER_LIMIT
 
 
-def test_params_json_counts_come_from_the_models(capsys):
-    assert params.main(["--json"]) == 0
-    table = json.loads(capsys.readouterr().out)
-    assert table["flax_total"] == table["torch_total"] == sum(r["flax_count"]
-                                                              for r in table["rows"])
-    assert table["nnx_total"] == sum(r["nnx_count"] for r in table["rows"]) == table["flax_total"]
-    assert table["ok"] and table["under_limit"]
+def test_params_counts_come_from_the_models():
+    table = params.parameter_table("net")
+    torch_count = sum(p.numel() for p in torch_model("net").parameters())
+    nnx_count = sum(x.size for x in jax.tree.leaves(
+        nnx.state(nnx_module("net"), nnx.Param)))
+    linen_count = sum(x.size for x in jax.tree.leaves(
+        flax_model.create_model("net", 0.0).init(jax.random.key(0),
+                                                 np.zeros((1, 28, 28, 1), np.float32))["params"]))
+    assert table["torch_total"] == torch_count
+    assert table["nnx_total"] == nnx_count
+    assert table["flax_total"] == linen_count
+    assert table["flax_total"] == sum(r["flax_count"] for r in table["rows"])
 
 
 def test_params_flags_a_mismatch(monkeypatch, capsys):
@@ -125,13 +144,11 @@ def test_accuracy_fails_when_a_run_misses_the_target(tmp_path, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-@pytest.mark.realdata
 @pytest.mark.slow
-def test_speed_benchmark_runs_and_writes_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("MNIST20K_CACHE")
+def test_speed_benchmark_runs_and_writes_json(tmp_path, tiny_idx_source, capsys):
     out = tmp_path / "speed.json"
-    assert speed.main(["--steps", "4", "--steps-per-call", "2", "--no-epoch",
-                       "--json", str(out)]) == 0
+    assert speed.main(["--steps", "4", "--steps-per-call", "2", "--no-epoch", "--json", str(out),
+                       "--data-source", tiny_idx_source]) == 0
     printed = capsys.readouterr().out
     assert "training images/s" in printed
     numbers = json.loads(out.read_text())
@@ -141,16 +158,53 @@ def test_speed_benchmark_runs_and_writes_json(tmp_path, monkeypatch, capsys):
     assert numbers["flax"]["step"]["n"] == 2 and numbers["torch"]["step"]["n"] == 4
     assert numbers["paired_step_speedup"] > 0
     assert numbers["train_flops_per_image"] == speed.train_flops_per_image()
+    assert numbers["steps_per_epoch"] == 512 // Config().batch_size  # the tiny source's
 
 
-@pytest.mark.slow
-def test_speed_times_the_nnx_port_beside_linen_and_under_nnx_jit():
-    config = Config(batch_size=64, eval_batch_size=100, epochs=1)
-    timed = speed.nnx_comparison(synthetic_mnist(256, 100), config, rounds=2, steps_per_call=2)
+class FakeBench:
+    """A `FlaxBench` stand-in: how it was built, and a step time of 1 ms, 2 ms with the stock
+    kernels, 3 ms one step per call, 1.5x in NNX."""
+
+    built = []
+
+    def __init__(self, data, config, steps_per_call, kernels="auto"):
+        self.config, self.steps_per_call, self.kernels = config, steps_per_call, kernels
+        self.warmup_seconds = 0.5
+        FakeBench.built.append(self)
+
+    def train(self, chunk, calls=1):
+        seconds = 2e-3 if self.kernels is STOCK else 1e-3
+        seconds *= (3 if self.steps_per_call == 1 else 1) * (1.5 if self.config.api == "nnx"
+                                                             else 1)
+        return seconds
+
+
+def test_the_ablation_times_each_variant_against_the_fast_kernels(monkeypatch):
+    monkeypatch.setattr(speed, "FlaxBench", FakeBench)
+    FakeBench.built = []
+    timed = speed.ablation(None, Config(), rounds=3, steps_per_call=4)
+    assert list(timed) == ["default", "python_loop", *speed.ablation_variants()]
+    kernels = {name: bench.kernels for name, bench in zip(timed, FakeBench.built, strict=True)}
+    assert kernels["default"] is FAST and kernels["stock"] is STOCK
+    assert timed["default"] == pytest.approx({"median_ms": 1.0, "slowdown": 1.0})
+    assert timed["stock"] == pytest.approx({"median_ms": 2.0, "slowdown": 2.0})
+    assert timed["python_loop"]["slowdown"] == pytest.approx(3.0)
+    lines = speed.ablation_lines(timed)
+    assert [line.split()[0] for line in lines] == ["fast", "first", "rotation", "XLA's", "Python",
+                                                   "XLA's", "stock"]
+
+
+def test_the_nnx_comparison_times_the_products_nnx_path_against_linen(monkeypatch):
+    monkeypatch.setattr(speed, "FlaxBench", FakeBench)
+    FakeBench.built = []
+    timed = speed.nnx_comparison(None, Config(), rounds=2, steps_per_call=4)
     assert list(timed) == list(speed.NNX_VARIANTS)
-    assert all(t["median_ms"] > 0 and t["slowdown"] > 0 and t["warmup_seconds"] > 0
-               for t in timed.values())
-    assert timed["linen_scan"]["slowdown"] == timed["linen_step"]["slowdown"] == 1.0
+    built = {name: (bench.config.api, bench.steps_per_call)
+             for name, bench in zip(timed, FakeBench.built, strict=True)}
+    assert built == {"linen_scan": ("linen", 4), "nnx_scan": ("nnx", 4),
+                     "linen_step": ("linen", 1), "nnx_step": ("nnx", 1)}
+    assert [timed[name]["slowdown"] for name in timed] == pytest.approx([1.0, 1.5, 1.0, 1.5])
+    assert timed["nnx_step"]["median_ms"] == pytest.approx(4.5)
 
 
 def test_flop_count_agrees_with_torchs_flop_counter():
@@ -165,21 +219,24 @@ def test_flop_count_agrees_with_torchs_flop_counter():
     assert speed.train_flops_per_image() == counter.get_total_flops() / 4
 
 
-@pytest.mark.slow
-def test_each_ablation_variant_compiles_to_another_step():
-    """Each variant must change the compiled step (else the ablation times the default twice)."""
+def test_each_ablation_variant_builds_another_train_step():
+    """Each variant must change the lowered step (else the ablation times the default twice)."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from flax_impl import setup
-    from flax_impl.common.config import Config
-    from flax_impl.extras.kernels import FAST
+    from flax_impl import core
+    from flax_impl import train as flax_train
 
-    data = synthetic_mnist(256, 10)
+    config = Config(batch_size=8)
+    batches = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), P("data"))
+    arguments = (jax.ShapeDtypeStruct((64, 28, 28), np.uint8),
+                 jax.ShapeDtypeStruct((64,), np.uint8), jax.ShapeDtypeStruct((2, 8), np.int32),
+                 jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 2)))
 
     def lowered_step(kernels) -> str:
-        run = setup.setup_training(Config(), data, kernels=kernels)
-        plan = run.plan(1)
-        return run.train_chunk.lower(run.state, *run.train_data, plan[0][:2], plan[1][:2],
-                                     run.schedule).as_text()
+        port = flax_train.create_port(config, 10, kernels)
+        state = jax.eval_shape(port.init, jax.random.key(0))
+        return core.make_train_chunk(port.train_step, batches).lower(state, *arguments).as_text()
 
     default = lowered_step(FAST)
     assert lowered_step(FAST) == default
@@ -190,11 +247,12 @@ def test_each_ablation_variant_compiles_to_another_step():
 
 
 def test_speeds_conv_shapes_are_nets_convolutions_in_order():
+    widths = MODELS["net"].widths
     shapes = speed.conv_shapes(4)
     assert [name for name, _, _ in shapes] == [f"block{i}.conv" for i in range(1, 7)]
-    assert [shape for _, shape, _ in shapes][:3] == [(4, 1, 28, 28), (4, 10, 26, 26),
-                                                     (4, 16, 12, 12)]
-    assert [out for _, _, out in shapes] == [10, 16, 16, 16, 24, 32]
+    assert [shape for _, shape, _ in shapes][:3] == [(4, 1, 28, 28), (4, widths[0], 26, 26),
+                                                     (4, widths[1], 12, 12)]
+    assert [out for _, _, out in shapes] == list(widths)
 
 
 def test_params_counts_a_model_at_the_widths_given(capsys):
@@ -242,6 +300,17 @@ def test_sweep_summary_gives_each_variants_mean_min_and_count(tmp_path, capsys):
     assert table[2].split() == ["b64", "2", "99.390", "99.37", "1", "/", "2", "0,2"]
 
 
+def test_every_sweep_variant_is_flags_the_trainer_takes_and_the_default_is_the_first_sweep():
+    parser = build_parser("python -m flax_impl.train", "", "flax")
+    for name, flags in sweep.VARIANTS.items():
+        parser.parse_args(shlex.split(flags))  # argparse exits on a flag the trainer lacks
+        assert "--seed" not in flags and "--validation" not in flags, name  # the sweep's own
+    first = sweep.FIRST_SWEEP.split(",")
+    assert first[0] == "default3" and first[-1] == "wide_b64"
+    assert set(sweep.SECOND_SWEEP.split(",")) | set(sweep.MARGIN_SWEEP.split(",")) <= \
+        set(sweep.VARIANTS)
+
+
 def test_sweep_refuses_an_unknown_variant(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--out", str(tmp_path / "x"), "--variants", "b128,nope"])
@@ -283,16 +352,3 @@ def test_accuracy_time_command_cold_runs_flax_on_a_new_cache_then_again(tmp_path
     caches = [line.split()[-1] for line in lines[1:]]
     assert caches[0] == caches[1] != caches[3]  # a new cache each round
     assert caches[2] == caches[5] == "off"  # torch runs with the environment as it is
-
-
-@pytest.mark.slow
-def test_the_ablation_times_each_variant_in_turns_with_the_fast_kernels(monkeypatch):
-    stock = speed.ablation_variants()["stock"]
-    monkeypatch.setattr(speed, "ablation_variants", lambda: {"stock": stock})
-    config = Config(batch_size=64, eval_batch_size=100, epochs=1)
-    timed = speed.ablation(synthetic_mnist(256, 100), config, rounds=2, steps_per_call=2)
-    assert list(timed) == ["default", "python_loop", "stock"]
-    assert all(t["median_ms"] > 0 and t["slowdown"] > 0 for t in timed.values())
-    assert timed["default"]["slowdown"] == 1.0
-    lines = speed.ablation_lines(timed)
-    assert [line.split()[0] for line in lines] == ["fast", "Python", "stock"]

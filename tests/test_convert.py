@@ -1,4 +1,5 @@
-"""compare.convert: lossless round trips and one clear error per bad key or shape."""
+"""compare.convert: lossless round trips between linen, NNX and torch, and one clear error per bad
+key or shape."""
 
 from __future__ import annotations
 
@@ -6,26 +7,82 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx, traverse_util
 
-from compare.convert import ConversionError, flax_to_torch, torch_to_flax
-from torch_ref.model import Net, create_model
+from compare.convert import (
+    ConversionError,
+    flax_to_torch,
+    linen_model,
+    linen_to_nnx,
+    nnx_module,
+    nnx_to_linen,
+    nnx_to_torch,
+    torch_model,
+    torch_to_flax,
+    torch_to_nnx,
+)
+from flax_impl import nnx_model
+from torch_ref.model import Net
 
 
-@pytest.mark.parametrize("name", ["net", "tinynet", "widenet", "seednet"])
-def test_torch_to_flax_to_torch_is_lossless(name):
+def random_torch_state(name: str) -> dict:
+    """A torch model `name`'s state_dict with its running statistics off their defaults."""
     torch.manual_seed(0)
-    model = create_model(name)
+    model = torch_model(name)
     with torch.no_grad():
         for buffer in model.buffers():
             if buffer.is_floating_point():
                 buffer.uniform_(0.5, 2.0)
-    original = model.state_dict()
+    return model.state_dict()
+
+
+def random_linen_variables(name: str) -> dict:
+    """Linen variables of `name` (numpy), every array, statistics included, drawn at random."""
+    shapes = jax.eval_shape(lambda: linen_model(name).init(jax.random.key(0),
+                                                           np.zeros((1, 28, 28, 1), np.float32)))
+    rng = np.random.default_rng(1)
+    return jax.tree.map(lambda leaf: rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32),
+                        shapes)
+
+
+def assert_same_torch_state(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if not key.endswith("num_batches_tracked"):  # no Flax counterpart: comes back as 0
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+
+
+def assert_same_variables(got: dict, want: dict) -> None:
+    got, want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=str(key))
+
+
+@pytest.mark.parametrize("name", ["net", "tinynet", "widenet", "seednet"])
+def test_torch_to_flax_to_torch_is_lossless(name):
+    original = random_torch_state(name)
     back = flax_to_torch(torch_to_flax(original, name), name)
-    assert back.keys() == original.keys()
-    for key, value in original.items():
-        if not key.endswith("num_batches_tracked"):
-            torch.testing.assert_close(back[key], value, rtol=0, atol=0)
-    create_model(name).load_state_dict(back)  # strict
+    assert_same_torch_state(back, original)
+    torch_model(name).load_state_dict(back)  # strict
+
+
+@pytest.mark.parametrize("name", ["net", "tinynet"])
+def test_linen_to_nnx_to_linen_is_lossless_and_the_module_holds_the_values(name):
+    variables = random_linen_variables(name)
+    module = linen_to_nnx(variables, name)
+    assert_same_variables(nnx_model.variables_of(module), variables)
+    assert_same_variables(nnx_to_linen(module, name), variables)
+
+
+@pytest.mark.parametrize("name", ["tinynet", "seednet"])
+def test_torch_to_nnx_to_torch_is_lossless(name):
+    original = random_torch_state(name)
+    module = torch_to_nnx(original, name)
+    assert isinstance(module, nnx.Module)
+    back = nnx_to_torch(module, name)
+    assert_same_torch_state(back, original)
+    torch_model(name).load_state_dict(back)  # strict
 
 
 def test_a_net_state_dict_is_refused_for_tinynet():
@@ -58,7 +115,8 @@ def test_missing_extra_and_misshapen_keys_are_named():
         torch_to_flax({**state_dict, "block9.conv.weight": torch.zeros(1)})
     with pytest.raises(ConversionError, match=r"'head.weight' has shape \[10, 31\]"):
         torch_to_flax({**state_dict, "head.weight": torch.zeros(10, 31)})
-    with pytest.raises(ConversionError, match="unexpected key"):
+    with pytest.raises(ConversionError, match=r"unexpected key 'block1\.\w+\.\w+' in the torch "
+                                              r"state_dict for seednet"):
         torch_to_flax(state_dict, "seednet")
 
 
@@ -71,3 +129,18 @@ def test_flax_side_errors_are_named():
     variables["params"]["head"]["kernel"] = np.zeros((10, 32))
     with pytest.raises(ConversionError, match=r"'params/head/kernel' has shape \[10, 32\]"):
         flax_to_torch(variables)
+
+
+def test_nnx_side_errors_are_named():
+    variables = random_linen_variables("net")
+    variables["batch_stats"]["block4"]["bn"].pop("var")
+    with pytest.raises(ConversionError, match="missing variable 'batch_stats/block4/bn/var'"):
+        linen_to_nnx(variables, "net")
+    variables = random_linen_variables("net")
+    variables["params"]["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
+    with pytest.raises(ConversionError, match="unexpected variable 'params/extra/kernel'"):
+        linen_to_nnx(variables, "net")
+    tinynet = nnx_module("tinynet")
+    with pytest.raises(ConversionError, match=r"'(params|batch_stats)/block1/.+' has shape "
+                                              r"\[.*8\], net needs \[.*10\]"):
+        nnx_to_torch(tinynet, "net")

@@ -1,19 +1,21 @@
 """Training on several processes: jax.distributed for Flax, torch.distributed (DDP) for torch.
 
-Two local processes against one: the same global batch gives the same run. Faults: a process
-that dies stops the others with one line; bad launch settings are one line.
+Two processes train as one process with two devices (Flax) or as one process (torch); a SIGTERM
+to one Flax process stops all of them at one checkpoint, which they resume from; a process that
+dies stops the others with one line (exit status 4); bad launch settings are one line.
+
+The multi-process runs are one story per framework, run once (module fixtures), each stage
+stopped at a train call the test chooses (conftest.TrainingHook); the tests read its stages.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +28,28 @@ from torch import nn
 from flax_impl import train as flax_train
 from flax_impl.common.config import recipe_config
 from flax_impl.common.workdir import read_metrics
-from tests.conftest import FLAX_SHAPE, child_env, synthetic_mnist
+from tests.conftest import (
+    FLAX_RUN,
+    ROOT,
+    SHAPE_BATCH_SIZE,
+    SHAPE_STEPS,
+    SHAPE_STEPS_PER_CALL,
+    TORCH_RUN,
+    child_env,
+    finish,
+    messages,
+    say_go,
+    start_hooked,
+    steps_logged,
+    synthetic_mnist,
+    wait_paused,
+)
+from torch_ref import core as torch_core
 from torch_ref import train as torch_train
 from torch_ref.augment import random_rotate
 from torch_ref.distributed import GlobalBatchNorm2d, Group
-from torch_ref.setup import setup_training
 
-ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 300  # seconds a multi-process run may take here before the test fails
+TIMEOUT = "60"  # --distributed-timeout: seconds to wait for all processes to join
 
 
 def free_port() -> int:
@@ -42,145 +58,115 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+def epochs_of(workdir: Path) -> list[dict]:
+    """`workdir`'s per-epoch records without their durations."""
+    return [{k: v for k, v in record.items() if k != "seconds"}
+            for record in read_metrics(workdir / "metrics.jsonl")]
 
 
-def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    out, err = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def flax_processes(flags: list[str], count: int = 2) -> list[subprocess.Popen]:
-    """`count` processes of `python -m flax_impl.train` joined by jax.distributed."""
-    address = f"127.0.0.1:{free_port()}"
-    return [start(["-m", "flax_impl.train", *flags, "--coordinator-address", address,
-                   "--num-processes", str(count), "--process-id", str(index),
-                   "--distributed-timeout", "60"]) for index in range(count)]
-
-
-def torch_ranks(flags: list[str], count: int = 2) -> list[subprocess.Popen]:
-    """`count` ranks of `python -m torch_ref.train`, launched as torchrun would."""
-    port = str(free_port())
-    return [start(["-m", "torch_ref.train", *flags, "--distributed-timeout", "60"],
-                  env={"RANK": str(rank), "WORLD_SIZE": str(count), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-            for rank in range(count)]
-
-
-def finish_all(processes: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
-    results = [finish(process) for process in processes]
-    for result in results:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return results
-
-
-def assert_close(runs: list[list[dict]], rtol: float) -> None:
-    first, *others = runs
-    for other in others:
-        assert [m["epoch"] for m in other] == [m["epoch"] for m in first]
-        for key in ("train_loss", "test_loss", "test_accuracy"):
-            np.testing.assert_allclose([m[key] for m in other], [m[key] for m in first],
-                                       rtol=rtol, err_msg=key)
-
-
-def after_first_epoch(processes: list[subprocess.Popen], workdir: Path) -> None:
-    """Return once the run in `workdir` has recorded an epoch."""
-    deadline = time.monotonic() + TIMEOUT
-    while not read_metrics(workdir / "metrics.jsonl"):
-        for process in processes:
-            assert process.poll() is None, finish(process).stderr[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
-def kill_one_and_watch_the_other(processes: list[subprocess.Popen], workdir: Path
-                                 ) -> tuple[subprocess.CompletedProcess, float]:
-    """Once the run has finished an epoch, kill -9 the second process; the first's result and
-    how many seconds it took to stop."""
-    first, second = processes
-    after_first_epoch(processes, workdir)
-    second.kill()
-    killed = time.monotonic()
-    result = finish(first, timeout=120)
-    finish(second)
-    return result, time.monotonic() - killed
-
-
-def assert_stopped_with_one_line(result: subprocess.CompletedProcess, seconds: float,
-                                 message: str) -> None:
-    assert result.returncode == 4, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0]
-    assert "Traceback" not in result.stderr
-    assert seconds < 60
+def assert_close(run: list[dict], reference: list[dict], rtol: float) -> None:
+    assert [m["epoch"] for m in run] == [m["epoch"] for m in reference]
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose([m[key] for m in run], [m[key] for m in reference],
+                                   rtol=rtol, err_msg=key)
 
 
 # Flax: jax.distributed
 
-# The suite's run shape: one compiled chunk per run, shared with the other tests' runs.
-FLAX_RUN = ["--epochs", "2", *FLAX_SHAPE]
+FLAX_CALLS_PER_EPOCH = SHAPE_STEPS // SHAPE_STEPS_PER_CALL
 
 
-@pytest.mark.slow
-def test_flax_two_processes_train_as_one_process_and_resume(tiny_idx_source, tmp_path):
-    flags = [*FLAX_RUN, "--data-source", tiny_idx_source]
-    # The two processes run the NNX network; the runs they are compared with, linen's.
-    two = finish_all(flax_processes([*flags, "--api", "nnx", "--workdir", str(tmp_path / "two")]))
-    assert "Test set" in two[0].stdout and "Flax (NNX) on 2 cpu device(s) in 2 processes" in \
-        two[0].stdout
-    assert "Flax on" not in two[1].stdout and "Test set" not in two[1].stdout  # process 0 logs
-    assert "Epoch" not in two[1].stderr
-    two_devices = finish(start(["-m", "flax_impl.train", *flags, "--workdir",
-                                str(tmp_path / "devices")],
-                               env=child_env(2)))  # the suite's XLA_FLAGS kept: same level
-    assert two_devices.returncode == 0, two_devices.stderr[-3000:]
-    assert flax_train.main([*flags, "--workdir", str(tmp_path / "one")]) == 0  # this process
-    runs = {name: read_metrics(tmp_path / name / "metrics.jsonl")
-            for name in ("two", "devices", "one")}
-    # Two processes of one device each run the program one process runs on two devices (and
-    # NNX's program is linen's).
-    assert_close([runs["two"], runs["devices"]], rtol=1e-6)
-    # One device sums the global batch's BatchNorm statistics and gradients in another order.
-    assert_close([runs["one"], runs["two"], runs["devices"]], rtol=2e-3)
-
-    # Resume: the checkpoint of the last epoch lost, both processes redo it from the previous.
-    checkpoints = sorted((tmp_path / "two" / "checkpoints").iterdir(), key=lambda p: int(p.name))
-    shutil.rmtree(checkpoints[-1])
-    resumed = finish_all(flax_processes([*flags, "--api", "nnx", "--workdir",
-                                         str(tmp_path / "two"), "--resume"]))
-    assert "Resumed from" in resumed[0].stdout and "epoch 2, step 0" in resumed[0].stdout
-    def timeless(history):
-        return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
-
-    assert timeless(read_metrics(tmp_path / "two" / "metrics.jsonl")) == timeless(runs["two"])
+def flax_processes(argv: list[str], hooks: Path, pause_at: int) -> list[subprocess.Popen]:
+    """Two processes of `python -m flax_impl.train argv` joined by jax.distributed, each pausing
+    before its train call `pause_at`."""
+    address = f"127.0.0.1:{free_port()}"
+    return [start_hooked("flax_impl.train", [*argv, "--coordinator-address", address,
+                                             "--num-processes", "2", "--process-id", str(index),
+                                             "--distributed-timeout", TIMEOUT], hooks, pause_at)
+            for index in range(2)]
 
 
-@pytest.mark.slow
-def test_flax_sigterm_to_one_process_stops_all_at_one_checkpoint(tiny_idx_source, tmp_path):
-    flags = [*FLAX_RUN, "--epochs", "4", "--data-source", tiny_idx_source, "--workdir",
-             str(tmp_path)]
-    processes = flax_processes(flags)
-    after_first_epoch(processes, tmp_path)
+@pytest.fixture(scope="module")
+def flax_story(tiny_idx_source, tmp_path_factory) -> dict:
+    """Two processes train the suite's run; in epoch 2 one gets a SIGTERM (both stop); both
+    resume; in epoch 3 one is killed (the other stops). Beside them, the run uninterrupted on
+    one process with two devices."""
+    root = tmp_path_factory.mktemp("flax_story")
+    argv = ["--data-source", tiny_idx_source, *FLAX_RUN, "--workdir", str(root / "two")]
+    story = {"workdir": root / "two", "hooks": [root / "hooks1", root / "hooks2"]}
+
+    # 1. SIGTERM to process 1 as both wait before epoch 2's first chunk.
+    processes = flax_processes(argv, story["hooks"][0], pause_at=FLAX_CALLS_PER_EPOCH + 1)
+    wait_paused(processes, story["hooks"][0])
     processes[1].send_signal(signal.SIGTERM)
-    stopped = [finish(process) for process in processes]
-    for result in stopped:  # both agree to stop at the same chunk: a checkpoint of both
-        assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
-        assert "SIGTERM: stopped; saved a checkpoint at epoch" in result.stderr
-    done = len(read_metrics(tmp_path / "metrics.jsonl"))
-    assert 1 <= done < 4
-    resumed = finish_all(flax_processes([*flags, "--resume"]))
-    assert "Resumed from" in resumed[0].stdout
-    assert [m["epoch"] for m in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 5))
+    wait_paused(processes[1:], story["hooks"][0], "signalled")
+    say_go(story["hooks"][0])  # process 0 goes on: it learns of the signal from process 1
+    story["stopped"] = [finish(process) for process in processes]
+    story["stopped_steps"] = [steps_logged(story["hooks"][0], p) for p in processes]
+    story["stopped_epochs"] = epochs_of(root / "two")
+    story["checkpoints"] = sorted(int(p.name) for p in (root / "two" / "checkpoints").iterdir())
+
+    # 2. Both resume; process 1 is killed as both wait before epoch 3's first chunk.
+    processes = flax_processes([*argv, "--resume"], story["hooks"][1], pause_at=2)
+    wait_paused(processes, story["hooks"][1])
+    processes[1].kill()
+    story["killed"] = finish(processes[1])
+    say_go(story["hooks"][1])
+    story["survivor"] = finish(processes[0])
+    story["resumed_steps"] = steps_logged(story["hooks"][1], processes[0])
+
+    # The same run on one process with two devices, uninterrupted.
+    reference = subprocess.run([sys.executable, "-m", "flax_impl.train", *argv[:-1],
+                                str(root / "devices")], cwd=ROOT, capture_output=True, text=True,
+                               env=child_env(2), timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    story["devices"] = epochs_of(root / "devices")
+    return story
 
 
 @pytest.mark.slow
-def test_flax_a_process_that_dies_stops_the_other_with_one_line(tiny_idx_source, tmp_path):
-    processes = flax_processes([*FLAX_RUN, "--epochs", "500", "--data-source", tiny_idx_source,
-                                "--workdir", str(tmp_path)])
-    assert_stopped_with_one_line(*kill_one_and_watch_the_other(processes, tmp_path),
-                                 "process 0 of 2: a collective failed")
+def test_flax_sigterm_to_one_process_stops_all_at_one_checkpoint(flax_story):
+    for result in flax_story["stopped"]:  # process 0 stops for process 1's signal
+        assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+        assert messages(result.stderr) == [
+            "SIGTERM: stopped; saved a checkpoint at epoch 2, step 4; continue with --resume"]
+    # Both took epoch 2's first chunk, and stopped before the next: one checkpoint, at step 12.
+    assert flax_story["stopped_steps"] == [[4, 4, 4]] * 2
+    assert flax_story["checkpoints"] == [SHAPE_STEPS, SHAPE_STEPS + 4]
+    assert [m["epoch"] for m in flax_story["stopped_epochs"]] == [1]
+
+
+@pytest.mark.slow
+def test_flax_process_0_alone_prints_and_draws_the_progress(flax_story):
+    first, second = flax_story["stopped"]
+    assert "Flax on 2 cpu device(s) in 2 processes" in first.stdout
+    assert first.stdout.count("Test set") == 1 and "Epoch 1/3" in first.stderr
+    assert second.stdout == "" and "Epoch" not in second.stderr
+
+
+@pytest.mark.slow
+def test_flax_two_processes_resume_and_train_as_one_process_with_two_devices(flax_story):
+    survivor = flax_story["survivor"]
+    assert f"Resumed from {flax_story['workdir'] / 'checkpoints'}: epoch 2, step 4/8" in \
+        survivor.stdout
+    # The rest of epoch 2 (one chunk), then epoch 3's first chunk, where the peer was lost.
+    assert flax_story["resumed_steps"] == [4, 4]
+    resumed = epochs_of(flax_story["workdir"])
+    assert [m["epoch"] for m in resumed] == [1, 2]
+    # Two processes of one device each run the program one process runs on two devices.
+    assert_close(resumed, flax_story["devices"][:2], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_flax_a_process_that_dies_stops_the_other_with_one_line_and_exit_4(flax_story):
+    assert flax_story["killed"].returncode == -signal.SIGKILL
+    survivor = flax_story["survivor"]
+    assert survivor.returncode == 4, survivor.stderr[-3000:]
+    said = messages(survivor.stderr)
+    assert len(said) == 1, said
+    assert said[0].startswith("error: process 0 of 2: a collective failed (")
+    assert said[0].endswith("); another process has died or stopped, so this one stops too; "
+                            "restart all of them with --resume")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -192,23 +178,27 @@ def test_flax_a_process_that_dies_stops_the_other_with_one_line(tiny_idx_source,
 ])
 def test_flax_bad_process_flags_say_what_is_wrong(flags, message, capsys):
     assert flax_train.main(flags) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith("error: ") and message in said[0]
+
+
+def test_flax_an_unreachable_coordinator_is_one_line(capsys):
+    port = free_port()
+    assert flax_train.main(["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                            "--process-id", "1", "--distributed-timeout", "1"]) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1
+    assert said[0].startswith(f"error: cannot reach the coordinator at 127.0.0.1:{port} within 1 s")
 
 
 @pytest.mark.slow
-def test_flax_unreachable_coordinator_or_no_cluster_is_one_line():
-    unreachable = finish(start(["-m", "flax_impl.train", "--coordinator-address",
-                                f"127.0.0.1:{free_port()}", "--num-processes", "2",
-                                "--process-id", "1", "--distributed-timeout", "2"]), timeout=60)
-    assert unreachable.returncode == 2
-    assert unreachable.stderr.startswith("error: cannot reach the coordinator at 127.0.0.1:")
-    assert unreachable.stderr.count("\n") == 1
+def test_flax_distributed_without_a_cluster_is_one_line():
     clusterless = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
     alone = subprocess.run([sys.executable, "-m", "flax_impl.train", "--distributed"], cwd=ROOT,
                            capture_output=True, text=True, env=clusterless, timeout=120)
-    assert alone.returncode == 2 and "found no cluster to join" in alone.stderr
-    assert alone.stderr.count("\n") == 1
+    assert alone.returncode == 2
+    said = messages(alone.stderr)
+    assert len(said) == 1 and said[0].startswith("error: --distributed: found no cluster to join")
 
 
 # torch: torch.distributed, DDP and global-batch BatchNorm
@@ -227,8 +217,10 @@ def join_and_run(rank: int, store: str, function, args) -> None:
         dist.destroy_process_group()
 
 
-def global_batchnorm_matches_batchnorm(rank: int) -> None:
-    torch.manual_seed(0)
+def global_batchnorm_and_batchnorm(rank: int) -> dict[str, torch.Tensor]:
+    """GlobalBatchNorm2d on this rank's rows of a batch, nn.BatchNorm2d on the whole batch: their
+    outputs, gradients (the parameters' summed over the ranks, as DDP does), statistics."""
+    torch.manual_seed(0)  # the same batch and weights on both ranks
     images = torch.randn(8, 3, 5, 5, dtype=torch.float64) * 3 + 1
     weights = torch.randn(8, 3, 5, 5, dtype=torch.float64)  # the loss: sum(weights * output)
     reference = nn.BatchNorm2d(3, momentum=0.3).double()
@@ -244,83 +236,140 @@ def global_batchnorm_matches_batchnorm(rank: int) -> None:
     share = images[rows].clone().requires_grad_()
     output = ours(share)
     (output * weights[rows]).sum().backward()
-    with torch.no_grad():
-        expected = nn.functional.batch_norm(images, None, None, reference.weight,
-                                            reference.bias, training=True)[rows]
-    torch.testing.assert_close(output.detach(), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(share.grad, full.grad[rows], rtol=1e-12, atol=1e-12)
+    results = {"output": (output.detach(), nn.functional.batch_norm(
+        images, None, None, reference.weight, reference.bias, training=True)[rows].detach()),
+               "input_grad": (share.grad, full.grad[rows])}
     for name in ("weight", "bias"):
         grad = getattr(ours, name).grad.clone()
-        dist.all_reduce(grad)  # what DDP does (as a mean: each rank's loss is its share's)
-        torch.testing.assert_close(grad, getattr(reference, name).grad, rtol=1e-12, atol=1e-12)
+        dist.all_reduce(grad)
+        results[f"{name}_grad"] = (grad, getattr(reference, name).grad)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(ours, name), getattr(reference, name), rtol=1e-12,
-                                   atol=1e-12)
+        results[name] = (getattr(ours, name).clone(), getattr(reference, name).clone())
     ours.eval()
     reference.eval()
-    torch.testing.assert_close(ours(images), reference(images), rtol=1e-12, atol=1e-12)
+    results["eval_output"] = (ours(images).detach(), reference(images).detach())
+    return results
 
 
-@pytest.mark.slow
-def test_global_batchnorm_over_two_processes_is_batchnorm_over_the_whole_batch():
-    in_two_ranks(global_batchnorm_matches_batchnorm)
-
-
-TORCH_STEPS_CONFIG = recipe_config(batch_size=64, epochs=1, dropout=0.0)  # rotation on
+TORCH_STEPS_CONFIG = recipe_config(batch_size=SHAPE_BATCH_SIZE, epochs=1, dropout=0.0)  # rotation on
 
 
 def train_steps_in_float64(group: Group, steps: int = 6) -> dict[str, torch.Tensor]:
+    """The weights after `steps` train steps of `torch_ref.train`'s loop, this rank's rows of
+    each batch, in float64 (float32's rounding differences grow step by step)."""
     torch.set_default_dtype(torch.float64)
     try:
-        run = setup_training(TORCH_STEPS_CONFIG, synthetic_mnist(512, 200), "cpu", group)
-        order = run.plan()
+        config = TORCH_STEPS_CONFIG
+        run = torch_train.create_run(config, synthetic_mnist(512, 200), "cpu", group)
+        images, labels = run.train_data
+        plan = torch_core.epoch_plan(run.generator, len(images), run.steps_per_epoch,
+                                     config.batch_size)
         for step in range(steps):
-            run.run_step(order, step)
+            batch = plan[step, group.rows(config.batch_size)]
+            torch_core.train_step(run.train_model, run.optimizer, run.scheduler, images[batch],
+                                  labels[batch], config, run.generator,
+                                  (group.rank, group.world_size))
         return {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     finally:
         torch.set_default_dtype(torch.float32)
 
 
-def save_rank0_weights(rank: int, path: str) -> None:
+def save_rank_results(rank: int, directory: str) -> None:
+    torch.save(global_batchnorm_and_batchnorm(rank), f"{directory}/batchnorm{rank}.pt")
     weights = train_steps_in_float64(Group(rank, 2))
     if rank == 0:
-        torch.save(weights, path)
+        torch.save(weights, f"{directory}/steps.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """What two spawned ranks joined by gloo computed (`save_rank_results`), in one spawn."""
+    directory = tmp_path_factory.mktemp("two_ranks")
+    in_two_ranks(save_rank_results, str(directory))
+    return directory
 
 
 @pytest.mark.slow
-def test_torch_two_ranks_take_the_steps_of_one_process(tmp_path):
-    """In float64 (float32's rounding differences grow step by step), rotation on: DDP, the
-    global BatchNorm, each rank's share of the batch and of the rotation angles."""
-    in_two_ranks(save_rank0_weights, str(tmp_path / "two.pt"))
-    two, one = torch.load(tmp_path / "two.pt"), train_steps_in_float64(Group())
+def test_global_batchnorm_over_two_processes_is_batchnorm_over_the_whole_batch(two_ranks):
+    for rank in range(2):
+        results = torch.load(two_ranks / f"batchnorm{rank}.pt")
+        for name, (ours, expected) in results.items():
+            torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12,
+                                       msg=f"rank {rank}: {name}")
+
+
+@pytest.mark.slow
+def test_torch_two_ranks_take_the_steps_of_one_process(two_ranks):
+    """In float64, rotation on: DDP, the global BatchNorm, each rank's share of the batch and
+    of the rotation angles."""
+    two, one = torch.load(two_ranks / "steps.pt"), train_steps_in_float64(Group())
     assert two.keys() == one.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
+TORCH_DISTRIBUTED_RUN = [*TORCH_RUN, "--dropout", "0", "--max-rotation", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def torch_story(tiny_idx_source, tmp_path_factory) -> dict:
+    """Two ranks train the suite's run (no dropout or rotation: each rank would draw its own);
+    in epoch 2 rank 1 is killed (rank 0 stops); torchrun resumes both. Beside them, the run
+    on one process."""
+    root = tmp_path_factory.mktemp("torch_story")
+    flags = ["--data-source", tiny_idx_source, *TORCH_DISTRIBUTED_RUN, "--workdir",
+             str(root / "two")]
+    hooks, port = root / "hooks", str(free_port())
+    ranks = [start_hooked("torch_ref.train", [*flags, "--distributed-timeout", TIMEOUT], hooks,
+                          pause_at=SHAPE_STEPS + 1,
+                          env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
+                               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": port})
+             for rank in range(2)]
+    wait_paused(ranks, hooks)
+    ranks[1].kill()
+    story = {"workdir": root / "two", "killed": finish(ranks[1])}
+    say_go(hooks)
+    story["survivor"] = finish(ranks[0])
+    story["stopped_epochs"] = epochs_of(root / "two")
+
+    story["resumed"] = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+         str(free_port()), "-m", "torch_ref.train", *flags, "--resume"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
+    one = root / "one"
+    assert torch_train.main([*flags[:-1], str(one)]) == 0
+    story["one"] = epochs_of(one)
+    return story
+
+
 @pytest.mark.slow
-def test_torchrun_two_ranks_end_with_the_metrics_of_one_process(tiny_idx_source, tmp_path):
-    flags = ["--epochs", "2", "--batch-size", "64", "--dropout", "0", "--max-rotation", "0",
-             "--data-source", tiny_idx_source, "--device", "cpu"]
-    launched = finish(start(["-m", "torch.distributed.run", "--nproc-per-node", "2",
-                             "--master-port", str(free_port()), "-m", "torch_ref.train", *flags,
-                             "--workdir", str(tmp_path / "two")]))
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    assert launched.stdout.count("Test set") == 2  # rank 0 alone prints
-    one = finish(start(["-m", "torch_ref.train", *flags, "--workdir", str(tmp_path / "one")]))
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert_close([read_metrics(tmp_path / name / "metrics.jsonl") for name in ("two", "one")],
-                 rtol=2e-3)
-    saved = torch.load(tmp_path / "two" / "model.pt", weights_only=True)
+def test_torch_a_rank_that_dies_stops_the_other_with_one_line_and_exit_4(torch_story):
+    assert torch_story["killed"].returncode == -signal.SIGKILL
+    survivor = torch_story["survivor"]
+    assert survivor.returncode == 4, survivor.stderr[-3000:]
+    said = messages(survivor.stderr)
+    assert said[0].startswith("data: ")  # torch's log of what it loaded
+    assert len(said) == 2, said
+    assert said[1].startswith("error: rank 0 of 2: a collective failed (")
+    assert said[1].endswith("); another process has died or stopped, so this one stops too; "
+                            "restart all of them with --resume")
+    assert [m["epoch"] for m in torch_story["stopped_epochs"]] == [1]
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_two_ranks_that_end_with_the_metrics_of_one_process(torch_story):
+    resumed = torch_story["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Rank 0 alone prints: it resumed after epoch 1 and scored epochs 2 and 3 only.
+    assert resumed.stdout.count("Resumed from") == 1
+    assert f"Resumed from {torch_story['workdir'] / 'checkpoint.pt'} after epoch 1" in \
+        resumed.stdout
+    assert resumed.stdout.count("Test set") == 2
+    # One process sums the global batch's BatchNorm statistics and gradients in another order.
+    assert_close(epochs_of(torch_story["workdir"]), torch_story["one"], rtol=2e-3)
+    saved = torch.load(torch_story["workdir"] / "model.pt", weights_only=True)
     assert not any(name.startswith("module.") for name in saved)  # the model, not DDP's wrapper
-
-
-@pytest.mark.slow
-def test_torch_a_rank_that_dies_stops_the_other_with_one_line(tiny_idx_source, tmp_path):
-    ranks = torch_ranks(["--epochs", "500", "--batch-size", "64", "--device", "cpu",
-                         "--data-source", tiny_idx_source, "--workdir", str(tmp_path)])
-    assert_stopped_with_one_line(*kill_one_and_watch_the_other(ranks, tmp_path),
-                                 "rank 0 of 2: a collective failed")
 
 
 @pytest.mark.parametrize("environment, message", [
@@ -336,8 +385,8 @@ def test_torch_bad_launch_settings_are_one_line(environment, message, monkeypatc
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert torch_train.main(["--device", "cpu", "--distributed-timeout", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith("error: ") and message in said[0]
 
 
 def test_rank_rows_split_a_batch_and_random_rotate_keeps_each_ranks_angles():

@@ -1,251 +1,89 @@
-"""Training that survives faults: signals, kill -9, NaN, damaged checkpoints, bad input."""
+"""Training that survives faults: signals, kill -9, a full disk, a diverging loss, damaged or
+foreign checkpoints, workdirs of other runs, bad flags; each said in one line.
+
+Every run here is the suite's run (conftest.FLAX_RUN / TORCH_RUN: the tiny source, 3 epochs of 8
+steps, one compiled Flax program). A TrainingHook (conftest) says where a run stands: a signal or a
+kill lands at a train call the test chooses, and a resumed run is seen to start where its
+checkpoint left off and to train only the steps that were left.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flax_impl import train as flax_train
-from flax_impl.common.workdir import read_metrics
-from tests.conftest import FLAX_SHAPE, SHAPE_BATCH_SIZE
+from flax_impl.common.workdir import load_config, read_metrics, workdir_lock
+from tests.conftest import (
+    FLAX_RUN,
+    ROOT,
+    SHAPE_EPOCHS,
+    SHAPE_STEPS,
+    SHAPE_STEPS_PER_CALL,
+    TORCH_RUN,
+    TrainingHook,
+    crash_in_epoch,
+    finish,
+    idx_bytes,
+    install_hook,
+    messages,
+    signal_self,
+    start_hooked,
+    steps_logged,
+    synthetic_mnist,
+    wait_paused,
+    write_idx_dir,
+)
 from torch_ref import train as torch_train
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-
-def shape_flags(flax: bool) -> list[str]:
-    """The suite's run shape (`FLAX_SHAPE`) on a Flax or a torch command line (torch has no
-    --steps-per-call)."""
-    return list(FLAX_SHAPE) if flax else ["--batch-size", str(SHAPE_BATCH_SIZE)]
-
-
-def run_args(module, source: str, workdir: Path, *extra: str) -> list[str]:
-    """The flags of a one-epoch run of `module` in the suite's shape."""
-    return ["--data-source", source, "--epochs", "1", *shape_flags(module is flax_train),
-            "--workdir", str(workdir), *extra]
+TRAINERS = {"flax": flax_train, "torch": torch_train}
+MODULES = {"flax": "flax_impl.train", "torch": "torch_ref.train"}
+TOTAL_STEPS = SHAPE_EPOCHS * SHAPE_STEPS
+# Train calls: Flax's chunks of SHAPE_STEPS_PER_CALL steps, torch's single steps. The first call
+# of epoch 2 is where the tests stop or kill a run: mid-run, one epoch checkpointed.
+CALLS_PER_EPOCH = {"flax": SHAPE_STEPS // SHAPE_STEPS_PER_CALL, "torch": SHAPE_STEPS}
+EPOCH_2 = {framework: calls + 1 for framework, calls in CALLS_PER_EPOCH.items()}
 
 
-def command(source: str, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flax_impl.train", "--data-source", source, "--epochs", "6",
-            *FLAX_SHAPE, "--workdir", str(workdir), *extra]
+def run_args(framework: str, source: str, workdir: Path, *extra: str) -> list[str]:
+    """The flags of the suite's run of `framework` in `workdir`."""
+    shape = FLAX_RUN if framework == "flax" else TORCH_RUN
+    return ["--data-source", source, *shape, "--workdir", str(workdir), *extra]
 
 
-def start_and_stop(source: str, workdir: Path, signum: int, argv: list[str] | None = None
-                   ) -> subprocess.CompletedProcess:
-    """Start a run (`argv`, default the Flax `command`), send `signum` once two epochs have
-    finished and the next is under way."""
-    process = subprocess.Popen(argv or command(source, workdir), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while len(read_metrics(workdir / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+def epochs(workdir: Path) -> list[int]:
+    """The epochs recorded in `workdir`'s metrics.jsonl."""
+    return [record["epoch"] for record in read_metrics(workdir / "metrics.jsonl")]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_idx_source, tmp_path_factory) -> list[dict]:
-    workdir = tmp_path_factory.mktemp("straight")
-    subprocess.run(command(tiny_idx_source, workdir), cwd=ROOT, check=True, capture_output=True)
-    return read_metrics(workdir / "metrics.jsonl")
+def timeless(workdir: Path) -> list[dict]:
+    """`workdir`'s per-epoch records without their durations."""
+    return [{k: v for k, v in record.items() if k != "seconds"}
+            for record in read_metrics(workdir / "metrics.jsonl")]
 
 
-def assert_same_end(resumed: list[dict], straight: list[dict]) -> None:
-    assert [m["epoch"] for m in resumed] == [m["epoch"] for m in straight]
-    for key in ("train_loss", "test_loss", "test_accuracy"):
-        assert resumed[-1][key] == straight[-1][key]
+def checkpoint_steps(workdir: Path) -> list[int]:
+    """The global steps of a Flax workdir's checkpoints."""
+    return sorted(int(path.name) for path in (workdir / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_and_resume_ends_like_an_uninterrupted_run(
-        tiny_idx_source, tmp_path, uninterrupted, signum):
-    stopped = start_and_stop(tiny_idx_source, tmp_path, signum)
-    assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
-    assert "saved a checkpoint at epoch" in stopped.stderr
-    assert "Traceback" not in stopped.stderr
-    resumed = subprocess.run(command(tiny_idx_source, tmp_path, "--resume"), cwd=ROOT,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "Resumed from" in resumed.stdout
-    assert_same_end(read_metrics(tmp_path / "metrics.jsonl"), uninterrupted)
-
-
-def test_kill_9_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tiny_idx_source, tmp_path,
-                                                                     uninterrupted):
-    killed = start_and_stop(tiny_idx_source, tmp_path, signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
-    resumed = subprocess.run(command(tiny_idx_source, tmp_path, "--resume"), cwd=ROOT,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert_same_end(read_metrics(tmp_path / "metrics.jsonl"), uninterrupted)
-
-
-def test_nan_loss_stops_at_once_with_one_line(tiny_idx_source, tmp_path, capsys):
-    code = flax_train.main(["--data-source", tiny_idx_source, "--epochs", "3", "--lr", "1e8",
-                            "--batch-size", "32", "--workdir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 3
-    assert "error: the training loss became nan in epoch 1" in err
-    assert read_metrics(tmp_path / "metrics.jsonl") == []  # nothing after the last good state
-
-
-def test_damaged_checkpoint_is_reported_not_loaded(tiny_idx_source, tmp_path, capsys):
-    args = run_args(flax_train, tiny_idx_source, tmp_path)
-    assert flax_train.main(args) == 0
-    latest = max((tmp_path / "checkpoints").iterdir(), key=lambda p: int(p.name))
-    for path in latest.rglob("*"):
-        if path.is_file():
-            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-    capsys.readouterr()
-    assert flax_train.main([*args, "--resume"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint ") and "is corrupt or partial" in err
-    assert len(err.splitlines()) == 1
-
-
-def test_workdir_of_another_run_is_refused_without_resume_or_overwrite(tiny_idx_source, tmp_path,
-                                                                       capsys):
-    args = run_args(flax_train, tiny_idx_source, tmp_path)
-    assert flax_train.main(args) == 0
-    # Another seed: another run whose steps compile to the same program as the first's.
-    assert flax_train.main([*args, "--seed", "1"]) == 2
-    assert "already holds a run; pass --resume" in capsys.readouterr().err
-    assert flax_train.main([*args, "--seed", "1", "--resume"]) == 2
-    assert "different config (seed)" in capsys.readouterr().err
-    assert flax_train.main([*args, "--seed", "1", "--overwrite"]) == 0
-    # The overwriting run's checkpoint replaced the first run's (same step number).
-    overwritten = flax_train.restore_variables(tmp_path)
-    assert flax_train.main([*args, "--overwrite"]) == 0
-    first_again = flax_train.restore_variables(tmp_path)
-    kernel = ("params", "head", "kernel")
-    pick = lambda v: v[kernel[0]][kernel[1]][kernel[2]]  # noqa: E731
-    assert not np.allclose(pick(overwritten), pick(first_again))
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs must be > 0"),
-    (["--lr", "nan"], "--lr must be a finite number, got nan"),
-    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
-    (["--warmup-fraction", "1"], "--warmup-fraction must be in (0, 1), got 1.0"),
-    (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
-    (["--batch-size", "0"], "--batch-size must be > 0"),
-    (["--batch-size", "1024"], "--batch-size 1024 is larger than the 512 training images"),
-    (["--data-source", "nowhere"], "unknown data source 'nowhere'"),
-])
-def test_bad_flags_are_one_line_and_exit_2(tiny_idx_source, capsys, flags, message):
-    assert flax_train.main(["--data-source", tiny_idx_source, *flags]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: {err.removeprefix('error: ')}" and message in err
-    assert len(err.splitlines()) == 1
-
-
-def test_unknown_model_is_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        flax_train.main(["--model", "resnet"])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'resnet'" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("train_module", [flax_train, torch_train])
-def test_a_workdir_that_is_a_file_is_one_line_error(tiny_idx_source, tmp_path, capsys,
-                                                    train_module):
-    path = tmp_path / "a_file"
-    path.write_text("not a directory")
-    assert train_module.main(["--data-source", tiny_idx_source, "--workdir", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: --workdir {path} is a file; name a directory"
-
-
-@pytest.mark.parametrize("train_module", [flax_train, torch_train])
-def test_resume_with_nothing_to_resume_says_so_and_starts_fresh(tiny_idx_source, tmp_path, capsys,
-                                                                train_module):
-    args = run_args(train_module, tiny_idx_source, tmp_path / "new", "--resume")
-    assert train_module.main(args) == 0
-    out = capsys.readouterr().out
-    assert "--resume: no checkpoint" in out and "starting a fresh run" in out
-    assert len(read_metrics(tmp_path / "new" / "metrics.jsonl")) == 1
-
-
-def torch_command(source: str, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch_ref.train", "--data-source", source, "--epochs", "6",
-            "--batch-size", "32", "--workdir", str(workdir), *extra]
-
-
-def test_torch_kill_9_then_resume_ends_like_an_uninterrupted_run(tiny_idx_source, tmp_path):
-    straight = tmp_path / "straight"
-    subprocess.run(torch_command(tiny_idx_source, straight), cwd=ROOT, check=True,
-                   capture_output=True)
-    killed = start_and_stop(tiny_idx_source, tmp_path / "killed", signal.SIGKILL,
-                            torch_command(tiny_idx_source, tmp_path / "killed"))
-    assert killed.returncode == -signal.SIGKILL
-    resumed = subprocess.run(torch_command(tiny_idx_source, tmp_path / "killed", "--resume"),
-                             cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "Resumed from" in resumed.stdout
-    assert_same_end(read_metrics(tmp_path / "killed" / "metrics.jsonl"),
-                    read_metrics(straight / "metrics.jsonl"))
-
-
-class Payload:
-    """Not a tensor, dict or number: `weights_only=True` refuses to unpickle it."""
-
-
-def test_a_torch_checkpoint_that_would_run_code_is_refused(tiny_idx_source, tmp_path, capsys):
+def torch_checkpoint_epochs(workdir: Path) -> int:
+    """The finished epochs a torch workdir's checkpoint.pt holds."""
     import torch
 
-    args = ["--data-source", tiny_idx_source, "--epochs", "2", "--batch-size", "64",
-            "--workdir", str(tmp_path)]
-    assert torch_train.main(args) == 0
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    torch.save({**checkpoint, "payload": Payload()}, tmp_path / "checkpoint.pt")
-    capsys.readouterr()
-    assert torch_train.main([*args, "--resume"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint ") and "is corrupt or not this run's" in err
-    assert len(err.splitlines()) == 1
+    return len(torch.load(workdir / "checkpoint.pt", weights_only=True)["history"])
 
-
-def test_an_exploded_loss_counts_as_diverged_and_a_healthy_one_does_not():
-    from flax_impl.common.errors import exploded
-
-    assert exploded(float("nan"), 2.3) and exploded(float("inf"), 2.3)
-    assert exploded(5.6e24, 2.3) and exploded(300.0, 2.3)
-    assert not exploded(2.5, 2.3) and not exploded(0.01, 2.3) and not exploded(50.0, 2.3)
-
-
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_a_loss_that_explodes_without_nan_stops_with_one_line(tiny_idx_source, tmp_path, capsys,
-                                                               framework):
-    module = flax_train if framework == "flax" else torch_train
-    # At this rate the loss grows past 1e20 and stays finite: NaN alone would miss it.
-    code = module.main(["--data-source", tiny_idx_source, "--epochs", "2", "--lr", "1e6",
-                        "--workdir", str(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 3
-    assert [line for line in err if line.startswith("error:")] == [err[-1]]
-    assert "error: the training loss became" in err[-1] and "in epoch 1" in err[-1]
-    assert "nan" not in err[-1] and "inf" not in err[-1]
-    assert read_metrics(tmp_path / "metrics.jsonl") == []  # nothing after the last good state
-
-
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-@pytest.mark.parametrize("degrees", ["1000", "-1", "180.5"])
-def test_max_rotation_beyond_a_half_turn_is_refused(framework, degrees, capsys):
-    module = flax_train if framework == "flax" else torch_train
-    assert module.main(["--max-rotation", degrees]) == 2
-    assert "--max-rotation must be in [0, 180] degrees" in capsys.readouterr().err
-
-
-# Workdirs that defend themselves.
 
 def listing(workdir: Path) -> dict[str, bytes]:
     """Every file under `workdir` and its bytes."""
@@ -253,134 +91,114 @@ def listing(workdir: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-def test_a_busy_workdir_refuses_a_second_run_until_the_first_is_killed(tiny_idx_source,
-                                                                       tmp_path, capsys):
-    first = subprocess.Popen(command(tiny_idx_source, tmp_path, "--epochs", "500"), cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not read_metrics(tmp_path / "metrics.jsonl") and time.monotonic() < deadline:
-            assert first.poll() is None, first.communicate()
-            time.sleep(0.05)
-        for module in (flax_train, torch_train):  # one lock for both frameworks
-            assert module.main(run_args(module, tiny_idx_source, tmp_path, "--overwrite")) == 2
-            err = capsys.readouterr().err.strip()
-            assert err == f"error: {tmp_path} is in use by another run; wait for it to end or " \
-                          f"choose another --workdir"
-    finally:
-        first.kill()
-        first.communicate()
-    # The killed run's lock died with it: the next run needs no clean-up.
-    assert torch_train.main(run_args(torch_train, tiny_idx_source, tmp_path, "--overwrite")) == 0
+def copy_run(workdir: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run's workdir to damage or resume."""
+    return Path(shutil.copytree(workdir, tmp_path / "run"))
 
 
-def test_a_missing_config_beside_checkpoints_is_an_error_not_a_fresh_start(tiny_idx_source,
-                                                                         tmp_path, capsys):
-    assert flax_train.main(run_args(flax_train, tiny_idx_source, tmp_path)) == 0
-    (tmp_path / "config.json").unlink()
-    kept = listing(tmp_path)
-    capsys.readouterr()
-    for extra in ((), ("--resume",)):
-        assert flax_train.main(run_args(flax_train, tiny_idx_source, tmp_path, *extra)) == 2
-        err = capsys.readouterr().err.strip()
-        assert "holds a run's files (metrics.jsonl, curves.png, checkpoints) but no config.json" \
-            in err and len(err.splitlines()) == 1
-    assert listing(tmp_path) == kept  # nothing deleted
+@pytest.fixture(scope="module")
+def straight(tiny_idx_source, tmp_path_factory) -> dict[str, Path]:
+    """Each framework's run, uninterrupted: what a resumed run must end with. Started with
+    --resume in a new workdir (test_resume_with_nothing_to_resume_...): it starts afresh."""
+    workdirs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for framework, trainer in TRAINERS.items():
+            workdirs[framework] = tmp_path_factory.mktemp(f"straight_{framework}") / "run"
+            hook = install_hook(framework, TrainingHook(), patch.setattr)
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                assert trainer.main(run_args(framework, tiny_idx_source, workdirs[framework],
+                                             "--resume")) == 0
+            (workdirs[framework].parent / "log.json").write_text(json.dumps(
+                {"stdout": out.getvalue(), "steps": hook.steps}))
+    return workdirs
 
 
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_overwrite_keeps_the_old_run_until_the_new_ones_data_and_flags_are_checked(
-        framework, tiny_idx_source, tmp_path, capsys):
-    from tests.conftest import idx_bytes
+# Signals and kills, and the resume that follows.
 
-    module = flax_train if framework == "flax" else torch_train
+def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_resumed_run_trains_only_the_rest(
+        tiny_idx_source, tmp_path, straight, hook_training, capsys):
+    """The resume of record for Flax: stopped mid-epoch by a signal from outside, resumed, it
+    ends with the uninterrupted run's metrics, every one of them."""
+    workdir, hooks = tmp_path / "run", tmp_path / "hooks"
+    child = start_hooked("flax_impl.train", run_args("flax", tiny_idx_source, workdir), hooks,
+                         pause_at=EPOCH_2["flax"])
+    wait_paused([child], hooks)
+    child.send_signal(signal.SIGTERM)
+    stopped = finish(child)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    # The chunk under way finishes; the run stops before the next one, with a checkpoint there.
+    assert messages(stopped.stderr) == ["SIGTERM: stopped; saved a checkpoint at epoch 2, step 4; "
+                                        "continue with --resume"]
+    assert steps_logged(hooks, child) == [4, 4, 4]
+    assert checkpoint_steps(workdir) == [SHAPE_STEPS, SHAPE_STEPS + 4] and epochs(workdir) == [1]
+
+    hook = hook_training("flax")
+    assert flax_train.main(run_args("flax", tiny_idx_source, workdir, "--resume")) == 0
+    assert f"Resumed from {workdir / 'checkpoints'}: epoch 2, step 4/{SHAPE_STEPS}" in \
+        capsys.readouterr().out
+    assert hook.steps == TOTAL_STEPS - SHAPE_STEPS - 4
+    assert timeless(workdir) == timeless(straight["flax"])
+
+
+def test_sigint_mid_epoch_stops_at_the_next_chunk_with_a_checkpoint_as_sigterm_does(
+        tiny_idx_source, tmp_path, hook_training, capsys):
     workdir = tmp_path / "run"
-    assert module.main(run_args(module, tiny_idx_source, workdir)) == 0
-    kept = listing(workdir)
-    wrong_size = tmp_path / "idx32"
-    wrong_size.mkdir()
-    for stem, array in (("train-images-idx3-ubyte", np.zeros((64, 32, 32))),
-                        ("train-labels-idx1-ubyte", np.zeros(64)),
-                        ("t10k-images-idx3-ubyte", np.zeros((16, 32, 32))),
-                        ("t10k-labels-idx1-ubyte", np.zeros(16))):
-        (wrong_size / stem).write_bytes(idx_bytes(array))
-    capsys.readouterr()
-    assert module.main([*run_args(module, f"idx:{wrong_size}", workdir, "--overwrite")]) == 2
-    assert "expected uint8[N, 28, 28]" in capsys.readouterr().err
-    assert module.main([*run_args(module, tiny_idx_source, workdir, "--overwrite"),
-                        "--batch-size", "100000"]) == 2
-    assert listing(workdir) == kept  # the old run, whole
-    # A fresh workdir that fails its checks is left as it was: not there, nothing to block.
-    fresh = tmp_path / "fresh"
-    assert module.main([*run_args(module, tiny_idx_source, fresh), "--batch-size", "100000"]) == 2
-    assert not fresh.exists()
-    assert module.main(run_args(module, tiny_idx_source, fresh)) == 0
+    handler = signal.getsignal(signal.SIGINT)
+    hook = hook_training("flax", at=EPOCH_2["flax"], before=lambda: signal_self(signal.SIGINT))
+    assert flax_train.main(run_args("flax", tiny_idx_source, workdir)) == 128 + signal.SIGINT
+    assert messages(capsys.readouterr().err) == [
+        "SIGINT: stopped; saved a checkpoint at epoch 2, step 4; continue with --resume"]
+    assert hook.per_call == [4, 4, 4]
+    assert checkpoint_steps(workdir) == [SHAPE_STEPS, SHAPE_STEPS + 4] and epochs(workdir) == [1]
+    assert signal.getsignal(signal.SIGINT) is handler  # a later Ctrl-C acts as before the run
 
 
-def test_a_fresh_torch_run_leaves_no_earlier_model_pt(tiny_idx_source, tmp_path, monkeypatch):
-    from tests.conftest import crash_in_epoch
+def test_torch_stops_at_once_on_ctrl_c_and_the_resumed_run_trains_only_the_epochs_left(
+        tiny_idx_source, tmp_path, straight, hook_training, capsys):
+    """The resume of record for torch: its last epoch's checkpoint brings back the dropout and
+    order generators too (the metrics are the uninterrupted run's)."""
+    workdir, hooks = tmp_path / "run", tmp_path / "hooks"
+    child = start_hooked("torch_ref.train", run_args("torch", tiny_idx_source, workdir), hooks,
+                         pause_at=EPOCH_2["torch"])
+    wait_paused([child], hooks)
+    child.send_signal(signal.SIGINT)
+    stopped = finish(child)
+    assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-3000:]
+    said = messages(stopped.stderr)
+    assert said[0].startswith("data: ")  # torch's log of what it loaded
+    assert said[1:] == [
+        "SIGINT: stopped at once; the last epoch's checkpoint is kept: continue with --resume"]
+    assert torch_checkpoint_epochs(workdir) == 1 and epochs(workdir) == [1]
 
-    assert torch_train.main(run_args(torch_train, tiny_idx_source, tmp_path)) == 0
-    assert (tmp_path / "model.pt").exists()
-    args = run_args(torch_train, tiny_idx_source, tmp_path)
-    config = torch_train.config_from_args(torch_train.build_parser("t", "").parse_args(args))
-    with monkeypatch.context() as patch:
-        crash_in_epoch(patch, torch_train, 1)
-        with pytest.raises(KeyboardInterrupt):
-            torch_train.train(config, tmp_path, overwrite=True)
-    assert not (tmp_path / "model.pt").exists()  # evaluate cannot score the earlier run
-
-
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(framework, tiny_idx_source,
-                                                               tmp_path, capsys):
-    import json
-    import shutil
-
-    module = flax_train if framework == "flax" else torch_train
-    longer, shorter = tmp_path / "longer", tmp_path / "shorter"
-    assert module.main([*run_args(module, tiny_idx_source, longer), "--epochs", "2"]) == 0
-    assert module.main(run_args(module, tiny_idx_source, shorter)) == 0
-    name = "checkpoints" if framework == "flax" else "checkpoint.pt"
-    # The longer run's checkpoint under the shorter run's config (as if two runs had mixed).
-    if framework == "flax":
-        shutil.rmtree(shorter / name)
-        shutil.copytree(longer / name, shorter / name)
-    else:
-        shutil.copy(longer / name, shorter / name)
-    assert json.loads((shorter / "config.json").read_text())["epochs"] == 1
-    capsys.readouterr()
-    assert module.main(run_args(module, tiny_idx_source, shorter, "--resume")) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --resume: ") and "--overwrite to start afresh" in err
-    assert len(err.splitlines()) == 1
+    hook = hook_training("torch")
+    assert torch_train.main(run_args("torch", tiny_idx_source, workdir, "--resume")) == 0
+    assert f"Resumed from {workdir / 'checkpoint.pt'} after epoch 1" in capsys.readouterr().out
+    assert hook.steps == TOTAL_STEPS - SHAPE_STEPS
+    assert timeless(workdir) == timeless(straight["torch"])
 
 
-@pytest.mark.parametrize("content", [b"[1, 2]", b'"a string"', b"\xff\xfe not utf-8"])
-def test_a_config_json_that_is_no_object_is_one_line(tiny_idx_source, tmp_path, capsys, content):
-    (tmp_path / "config.json").write_bytes(content)
-    assert flax_train.main(run_args(flax_train, tiny_idx_source, tmp_path, "--resume")) == 2
-    err = capsys.readouterr().err.strip()
-    assert "config.json is not a training config (a JSON object)" in err
-    assert len(err.splitlines()) == 1
+def test_kill_9_mid_epoch_leaves_the_last_epochs_checkpoint_to_resume_from(
+        tiny_idx_source, tmp_path, straight, hook_training, capsys):
+    workdir, hooks = tmp_path / "run", tmp_path / "hooks"
+    child = start_hooked("flax_impl.train", run_args("flax", tiny_idx_source, workdir), hooks,
+                         pause_at=EPOCH_2["flax"])
+    wait_paused([child], hooks)
+    child.kill()
+    assert finish(child).returncode == -signal.SIGKILL
+    assert checkpoint_steps(workdir) == [SHAPE_STEPS] and epochs(workdir) == [1]
+
+    hook = hook_training("flax")  # no lock left behind, no clean-up needed
+    assert flax_train.main(run_args("flax", tiny_idx_source, workdir, "--resume")) == 0
+    assert f"Resumed from {workdir / 'checkpoints'}: epoch 2, step 0/{SHAPE_STEPS}" in \
+        capsys.readouterr().out
+    assert hook.steps == TOTAL_STEPS - SHAPE_STEPS
+    assert timeless(workdir) == timeless(straight["flax"])
 
 
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-@pytest.mark.parametrize("where", ["under_a_file", "in_proc"])
-def test_a_workdir_that_cannot_be_created_is_one_line(framework, where, tiny_idx_source,
-                                                      tmp_path, capsys):
-    module = flax_train if framework == "flax" else torch_train
-    (tmp_path / "a_file").write_text("")
-    workdir = tmp_path / "a_file" / "run" if where == "under_a_file" else Path("/proc/mnist20k")
-    assert module.main(run_args(module, tiny_idx_source, workdir)) == 2
-    err = capsys.readouterr().err.strip()
-    assert "cannot create it" in err and len(err.splitlines()) == 1
-
-
+# A full disk: a sized tmpfs (mounting one needs root, else the test is skipped), room for the
+# first epochs' checkpoints only (Orbax keeps two, torch one).
 @pytest.fixture
 def small_filesystem(tmp_path, request):
-    """A filesystem of `request.param` (e.g. "600k"): room for a run's first epochs only (a
-    tmpfs; mounting one needs root, else the test is skipped)."""
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs",
@@ -393,109 +211,325 @@ def small_filesystem(tmp_path, request):
         subprocess.run(["umount", str(mount_point)], check=True)
 
 
-# Sizes that fill up after a few epochs: Orbax keeps two checkpoints, torch one.
-@pytest.mark.parametrize("module, small_filesystem", [("flax_impl.train", "600k"),
-                                                      ("torch_ref.train", "300k")],
+@pytest.mark.parametrize("framework, small_filesystem", [("flax", "600k"), ("torch", "300k")],
                          indirect=["small_filesystem"])
-def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(small_filesystem, module,
-                                                                 tiny_idx_source):
-    workdir = small_filesystem / "run"
-    argv = [sys.executable, "-m", module, "--data-source", tiny_idx_source, "--epochs", "12",
-            *shape_flags(module == "flax_impl.train"), "--workdir", str(workdir)]
-    full = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    assert full.returncode == 2, full.stderr[-2000:]
-    errors = [line for line in full.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "free some space, then --resume" in errors[0]
-    assert "Traceback" not in full.stderr
-    done = len(read_metrics(workdir / "metrics.jsonl"))
-    assert 1 <= done < 12
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(
+        framework, small_filesystem, tiny_idx_source, hook_training, capsys):
+    trainer, workdir = TRAINERS[framework], small_filesystem / "run"
+    assert trainer.main(run_args(framework, tiny_idx_source, workdir)) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith("error: ") and \
+        said[0].endswith("the last complete checkpoint is kept: free some space, then --resume")
+    done = len(epochs(workdir))
+    assert 1 <= done < SHAPE_EPOCHS
+
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_filesystem)], check=True)
-    resumed = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [m["epoch"] for m in read_metrics(workdir / "metrics.jsonl")] == list(range(1, 13))
+    hook = hook_training(framework)
+    assert trainer.main(run_args(framework, tiny_idx_source, workdir, "--resume")) == 0
+    assert ((f": epoch {done + 1}, step 0/" if framework == "flax" else f" after epoch {done}")
+            in capsys.readouterr().out)
+    assert hook.steps == TOTAL_STEPS - done * SHAPE_STEPS
+    assert epochs(workdir) == list(range(1, SHAPE_EPOCHS + 1))
+
+
+# A diverging loss.
+
+def test_an_exploded_loss_counts_as_diverged_and_a_healthy_one_does_not():
+    from flax_impl.common.errors import exploded
+
+    assert exploded(float("nan"), 2.3) and exploded(float("inf"), 2.3)
+    assert exploded(5.6e24, 2.3) and exploded(300.0, 2.3)
+    assert not exploded(2.5, 2.3) and not exploded(0.01, 2.3) and not exploded(50.0, 2.3)
+
+
+@pytest.mark.parametrize("framework, loss", [  # 1e30: exploded, though finite
+    ("flax", 1e30), ("torch", 1e30), ("torch", float("nan"))])
+def test_a_diverging_loss_stops_at_once_with_one_line_and_keeps_the_last_good_checkpoint(
+        framework, loss, tiny_idx_source, tmp_path, hook_training, capsys):
+    workdir = tmp_path / "run"
+    hook = hook_training(framework, at=EPOCH_2[framework], loss=loss)
+    assert TRAINERS[framework].main(run_args(framework, tiny_idx_source, workdir)) == 3
+    steps = "1-4" if framework == "flax" else "1-1"  # the chunk, or the step, that diverged
+    assert messages(capsys.readouterr().err) == [
+        f"error: the training loss became {loss:.4g} in epoch 2 (steps {steps}); stopped, the "
+        f"last good checkpoint is kept; try a lower --lr"]
+    assert hook.calls == EPOCH_2[framework]  # no further train call
+    assert epochs(workdir) == [1]
+    if framework == "flax":
+        assert checkpoint_steps(workdir) == [SHAPE_STEPS]
+    else:
+        assert torch_checkpoint_epochs(workdir) == 1
+
+
+# Damaged and foreign checkpoints.
+
+def test_a_damaged_flax_checkpoint_is_one_line_and_the_previous_one_still_resumes(
+        straight, tiny_idx_source, tmp_path, hook_training, capsys):
+    workdir = copy_run(straight["flax"], tmp_path)
+    latest = workdir / "checkpoints" / str(TOTAL_STEPS)
+    for path in latest.rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    args = run_args("flax", tiny_idx_source, workdir, "--resume")
+    capsys.readouterr()
+    assert flax_train.main(args) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith(f"error: checkpoint {latest} is corrupt or "
+                                                 f"partial (")
+    assert said[0].endswith("); delete it to use the previous one, or --overwrite")
+    shutil.rmtree(latest)  # as the message says
+    hook = hook_training("flax")
+    assert flax_train.main(args) == 0
+    assert f": epoch {SHAPE_EPOCHS}, step 0/" in capsys.readouterr().out
+    assert hook.steps == SHAPE_STEPS
+    assert timeless(workdir) == timeless(straight["flax"])
+
+
+class Payload:
+    """Not a tensor, dict or number: `weights_only=True` refuses to unpickle it."""
+
+
+def test_a_torch_checkpoint_that_would_run_code_is_refused_in_one_line(
+        straight, tiny_idx_source, tmp_path, capsys):
+    import torch
+
+    workdir = copy_run(straight["torch"], tmp_path)
+    checkpoint = torch.load(workdir / "checkpoint.pt", weights_only=True)
+    torch.save({**checkpoint, "payload": Payload()}, workdir / "checkpoint.pt")
+    assert torch_train.main(run_args("torch", tiny_idx_source, workdir, "--resume")) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith(
+        f"error: checkpoint {workdir / 'checkpoint.pt'} is corrupt or not this run's (")
+    assert "Weights only load failed" in said[0]  # torch.load(weights_only=True) refused it
 
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_resuming_a_finished_run_restores_a_truncated_metrics_file(framework, tiny_idx_source,
-                                                                   tmp_path):
-    module = flax_train if framework == "flax" else torch_train
-    args = [*run_args(module, tiny_idx_source, tmp_path), "--epochs", "2"]
-    assert module.main(args) == 0
-    whole = read_metrics(tmp_path / "metrics.jsonl")
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20])  # cut mid-line
-    assert module.main([*args, "--resume"]) == 0
-    assert read_metrics(tmp_path / "metrics.jsonl") == whole
+def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(framework, straight,
+                                                               tiny_idx_source, tmp_path, capsys):
+    workdir = copy_run(straight[framework], tmp_path)
+    # The 3-epoch run's checkpoint under a 2-epoch run's config (as if two runs had mixed).
+    record = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**record, "epochs": 2}))
+    args = [*run_args(framework, tiny_idx_source, workdir, "--resume"), "--epochs", "2"]
+    assert TRAINERS[framework].main(args) == 2
+    if framework == "flax":
+        expected = (f"error: --resume: the checkpoint in {workdir / 'checkpoints'} is at step "
+                    f"{TOTAL_STEPS}, which does not fit this run of {2 * SHAPE_STEPS} steps "
+                    f"({SHAPE_STEPS} per epoch); --overwrite to start afresh")
+    else:
+        expected = (f"error: --resume: {workdir / 'checkpoint.pt'} has {SHAPE_EPOCHS} finished "
+                    f"epochs, more than this run's 2; --overwrite to start afresh")
+    assert messages(capsys.readouterr().err) == [expected]
+
+
+def save_a_tinynet_checkpoint(framework: str, workdir: Path) -> None:
+    """Replace the checkpoint of `workdir` (a Net run) by one of TinyNet after epoch 1."""
+    from dataclasses import replace
+
+    config = replace(load_config(workdir), model="tinynet")
+    history = read_metrics(workdir / "metrics.jsonl")[:1]
+    if framework == "flax":
+        import jax
+
+        from flax_impl.extras.kernels import STOCK
+
+        port = flax_train.create_port(config, TOTAL_STEPS, STOCK)
+        shutil.rmtree(workdir / "checkpoints")
+        with flax_train.checkpoint_manager(workdir) as manager:
+            flax_train.save_checkpoint(manager, SHAPE_STEPS, jax.jit(port.init)(jax.random.key(0)),
+                                       flax_train.Progress(2, 0, 0.0, history))
+    else:
+        run = torch_train.create_run(config, synthetic_mnist(512, 1), "cpu")
+        torch_train.save_checkpoint(workdir / "checkpoint.pt", run, history)
 
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])
-@pytest.mark.parametrize("seed", [str(2**70), "-1"])
-def test_a_seed_out_of_range_is_one_line(framework, seed, capsys):
-    module = flax_train if framework == "flax" else torch_train
-    assert module.main(["--seed", seed]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: --seed must be in [0, 2**32), got {seed}"
+def test_resume_refuses_a_checkpoint_of_other_shapes(framework, straight, tiny_idx_source,
+                                                     tmp_path, capsys):
+    workdir = copy_run(straight[framework], tmp_path)
+    save_a_tinynet_checkpoint(framework, workdir)
+    capsys.readouterr()
+    assert TRAINERS[framework].main(run_args(framework, tiny_idx_source, workdir, "--resume")) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1
+    if framework == "flax":
+        assert said[0].startswith(f"error: checkpoint {workdir / 'checkpoints' / str(SHAPE_STEPS)}"
+                                  f" is corrupt or partial (")
+        assert "shape" in said[0]
+    else:
+        assert said[0] == (f"error: checkpoint {workdir / 'checkpoint.pt'} is corrupt or not this "
+                           f"run's (Error(s) in loading state_dict for Net:); delete it or "
+                           f"--overwrite")
 
 
-def test_an_idx_dataset_without_test_images_is_refused_before_training(tmp_path, capsys):
-    from tests.conftest import synthetic_mnist, write_idx_dir
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_resuming_a_finished_run_trains_nothing_and_restores_a_truncated_metrics_file(
+        framework, straight, tiny_idx_source, tmp_path, hook_training):
+    workdir = copy_run(straight[framework], tmp_path)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    (workdir / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20])  # cut mid-line
+    hook = hook_training(framework)
+    assert TRAINERS[framework].main(run_args(framework, tiny_idx_source, workdir, "--resume")) == 0
+    assert hook.calls == 0
+    assert read_metrics(workdir / "metrics.jsonl") == read_metrics(
+        straight[framework] / "metrics.jsonl")
 
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_resume_with_nothing_to_resume_says_so_and_trains_from_the_start(framework, straight):
+    log = json.loads((straight[framework].parent / "log.json").read_text())  # (its --resume)
+    assert "--resume: no checkpoint " in log["stdout"]
+    assert log["steps"] == TOTAL_STEPS and epochs(straight[framework]) == list(
+        range(1, SHAPE_EPOCHS + 1))
+
+
+# Workdirs that defend themselves.
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_a_workdir_of_another_run_is_refused_without_resume_or_overwrite(
+        framework, straight, tiny_idx_source, tmp_path, monkeypatch, capsys):
+    trainer, workdir = TRAINERS[framework], copy_run(straight[framework], tmp_path)
+    other = [*run_args(framework, tiny_idx_source, workdir), "--seed", "1"]  # another run
+    assert trainer.main(other) == 2
+    assert messages(capsys.readouterr().err) == [
+        f"error: {workdir} already holds a run; pass --resume to continue it or --overwrite to "
+        f"replace it"]
+    assert trainer.main([*other, "--resume"]) == 2
+    assert messages(capsys.readouterr().err) == [
+        f"error: --resume: {workdir} holds a run with a different config (seed); use the same "
+        f"flags or --overwrite"]
+    assert listing(workdir) == listing(straight[framework])  # refused: nothing touched
+    crash_in_epoch(monkeypatch, trainer, 1)  # the other run replaces it, then stops
+    assert trainer.main([*other, "--overwrite"]) == 128 + signal.SIGINT
+    assert load_config(workdir).seed == 1
+    assert list(listing(workdir)) == ["config.json"]  # no file of the first run is left
+
+
+def test_a_busy_workdir_refuses_both_trainers_until_the_run_holding_it_is_killed(
+        tiny_idx_source, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(  # a run's lock (flock): the common modules load no framework
+        [sys.executable, "-c", "import sys; from pathlib import Path; from flax_impl.common."
+         "workdir import workdir_lock\nwith workdir_lock(Path(sys.argv[1])):\n print(flush=True)"
+         "\n sys.stdin.read()", str(workdir)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "\n"  # holds the lock
+        for framework, trainer in TRAINERS.items():  # one lock for both frameworks
+            assert trainer.main(run_args(framework, tiny_idx_source, workdir, "--overwrite")) == 2
+            assert messages(capsys.readouterr().err) == [
+                f"error: {workdir} is in use by another run; wait for it to end or choose "
+                f"another --workdir"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lock(workdir):  # the killed run's lock died with it: no clean-up needed
+        pass
+
+
+def test_a_missing_config_beside_checkpoints_is_an_error_not_a_fresh_start(
+        straight, tiny_idx_source, tmp_path, capsys):
+    workdir = copy_run(straight["flax"], tmp_path)
+    (workdir / "config.json").unlink()
+    kept = listing(workdir)
+    for extra in ((), ("--resume",)):
+        assert flax_train.main(run_args("flax", tiny_idx_source, workdir, *extra)) == 2
+        assert messages(capsys.readouterr().err) == [
+            f"error: {workdir} holds a run's files (metrics.jsonl, curves.png, checkpoints) but "
+            f"no config.json, so they cannot be resumed or kept; restore it, or --overwrite to "
+            f"replace them"]
+    assert listing(workdir) == kept  # nothing deleted
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_overwrite_keeps_the_old_run_until_the_new_ones_data_and_flags_are_checked(
+        framework, straight, tiny_idx_source, tmp_path, capsys):
+    trainer, workdir = TRAINERS[framework], copy_run(straight[framework], tmp_path)
+    kept = listing(workdir)
+    wrong_size = tmp_path / "idx32"
+    wrong_size.mkdir()
+    for stem, array in (("train-images-idx3-ubyte", np.zeros((64, 32, 32))),
+                        ("train-labels-idx1-ubyte", np.zeros(64)),
+                        ("t10k-images-idx3-ubyte", np.zeros((16, 32, 32))),
+                        ("t10k-labels-idx1-ubyte", np.zeros(16))):
+        (wrong_size / stem).write_bytes(idx_bytes(array))
+    assert trainer.main(run_args(framework, f"idx:{wrong_size}", workdir, "--overwrite")) == 2
+    assert "expected uint8[N, 28, 28]" in capsys.readouterr().err
+    too_big = [*run_args(framework, tiny_idx_source, workdir, "--overwrite"), "--batch-size",
+               "100000"]
+    assert trainer.main(too_big) == 2
+    assert listing(workdir) == kept  # the old run, whole
+    # A fresh workdir that fails its checks is left as it was: not there, nothing to block.
+    fresh = tmp_path / "fresh"
+    assert trainer.main([*run_args(framework, tiny_idx_source, fresh), "--batch-size",
+                         "100000"]) == 2
+    assert not fresh.exists()
+
+
+def test_a_fresh_torch_run_leaves_no_earlier_model_pt(straight, tiny_idx_source, tmp_path,
+                                                      monkeypatch):
+    workdir = copy_run(straight["torch"], tmp_path)
+    assert (workdir / "model.pt").exists()
+    crash_in_epoch(monkeypatch, torch_train, 1)
+    with pytest.raises(KeyboardInterrupt):
+        torch_train.train(load_config(workdir), workdir, overwrite=True)
+    assert not (workdir / "model.pt").exists()  # evaluate cannot score the earlier run
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"a string"', b"\xff\xfe not utf-8"])
+def test_a_config_json_that_is_no_object_is_one_line(tiny_idx_source, tmp_path, capsys, content):
+    (tmp_path / "config.json").write_bytes(content)
+    assert flax_train.main(run_args("flax", tiny_idx_source, tmp_path, "--resume")) == 2
+    assert messages(capsys.readouterr().err) == [
+        f"error: {tmp_path / 'config.json'} is not a training config (a JSON object); use "
+        f"--overwrite"]
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_a_workdir_that_is_a_file_is_one_line(framework, tiny_idx_source, tmp_path, capsys):
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    assert TRAINERS[framework].main(run_args(framework, tiny_idx_source, path)) == 2
+    assert messages(capsys.readouterr().err) == [
+        f"error: --workdir {path} is a file; name a directory"]
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+@pytest.mark.parametrize("where", ["under_a_file", "in_proc"])
+def test_a_workdir_that_cannot_be_created_is_one_line(framework, where, tiny_idx_source,
+                                                      tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    workdir = tmp_path / "a_file" / "run" if where == "under_a_file" else Path("/proc/mnist20k")
+    assert TRAINERS[framework].main(run_args(framework, tiny_idx_source, workdir)) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith(f"error: --workdir {workdir}: cannot create it (")
+
+
+# Bad flags and data: one line, exit status 2, before anything is trained (the validation of
+# every flag: tests/test_config.py).
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be > 0, got 0"),
+    (["--max-rotation", "180.5"], "--max-rotation must be in [0, 180] degrees, got 180.5"),
+    (["--seed", str(2**70)], f"--seed must be in [0, 2**32), got {2**70}"),
+    (["--batch-size", "1024"], "--batch-size 1024 is larger than the 512 training images"),
+    (["--data-source", "nowhere"], "unknown data source 'nowhere'"),
+    (["--resume"], "--resume continues the run in --workdir: give --workdir"),
+])
+def test_bad_flags_are_one_line_and_exit_2(framework, flags, message, tiny_idx_source, capsys):
+    assert TRAINERS[framework].main(["--data-source", tiny_idx_source, *flags]) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith("error: ") and message in said[0]
+
+
+def test_an_idx_dataset_without_test_images_is_refused_before_training(tmp_path, hook_training,
+                                                                      capsys):
     mnist = synthetic_mnist(64, 1)
     empty_test = mnist._replace(test_images=mnist.test_images[:0], test_labels=mnist.test_labels[:0])
     source = f"idx:{write_idx_dir(tmp_path / 'idx', empty_test)}"
+    hook = hook_training("flax")
     assert flax_train.main(["--data-source", source, "--epochs", "1", "--batch-size", "32"]) == 2
-    assert "no test images" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_ctrl_c_outside_a_checkpointed_chunk_is_one_line(framework, tiny_idx_source, tmp_path,
-                                                         monkeypatch, capsys):
-    from tests.conftest import crash_in_epoch
-
-    module = flax_train if framework == "flax" else torch_train
-
-    def interrupted(source):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(module, "load_mnist", interrupted)  # Ctrl-C while MNIST loads
-    assert module.main(run_args(module, tiny_idx_source, tmp_path / "startup")) == 130
-    monkeypatch.undo()
-    if framework == "torch":  # Ctrl-C in torch's training loop: its last checkpoint stays
-        crash_in_epoch(monkeypatch, torch_train, 2)
-        args = run_args(torch_train, tiny_idx_source, tmp_path / "run", "--epochs", "3")
-        assert torch_train.main(args) == 130
-        assert (tmp_path / "run" / "checkpoint.pt").exists()
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("SIGINT")]
-    assert len(lines) == (2 if framework == "torch" else 1) and "Traceback" not in err
-    assert "continue with --resume" in lines[0]
-
-
-def test_evaluate_out_naming_a_file_is_refused_before_scoring(tmp_path, capsys):
-    from flax_impl import evaluate
-
-    (tmp_path / "taken").write_text("")
-    assert evaluate.main(["--workdir", str(tmp_path / "none"), "--out",
-                          str(tmp_path / "taken")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: --out {tmp_path / 'taken'} is a file; name a directory for the pictures"
-
-
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_resume_refuses_a_checkpoint_of_other_shapes(framework, tiny_idx_source, tmp_path,
-                                                     capsys):
-    import shutil
-
-    module = flax_train if framework == "flax" else torch_train
-    narrow, wide = tmp_path / "narrow", tmp_path / "wide"
-    assert module.main([*run_args(module, tiny_idx_source, narrow), "--model", "tinynet"]) == 0
-    assert module.main(run_args(module, tiny_idx_source, wide)) == 0
-    if framework == "flax":  # TinyNet's checkpoint under Net's config
-        shutil.rmtree(wide / "checkpoints")
-        shutil.copytree(narrow / "checkpoints", wide / "checkpoints")
-    else:
-        shutil.copy(narrow / "checkpoint.pt", wide / "checkpoint.pt")
-    capsys.readouterr()
-    assert module.main(run_args(module, tiny_idx_source, wide, "--resume")) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint ") and len(err.splitlines()) == 1
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and "no test images" in said[0]
+    assert hook.calls == 0

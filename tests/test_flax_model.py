@@ -1,4 +1,5 @@
-"""flax_impl.model: shapes, parameter budget, BatchNorm conventions."""
+"""flax_impl.model (linen): output, the model table's budgets and widths, BatchNorm's torch
+conventions, channel dropout, torch's initialisation."""
 
 from __future__ import annotations
 
@@ -6,85 +7,149 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-from flax_impl.core import jit_init
-from flax_impl.model import BatchNorm, Net, SeedNet, create_model
+from flax_impl.common.errors import ConfigError
+from flax_impl.common.models import MODELS, PARAMETER_LIMIT
+from flax_impl.model import BatchNorm, ConvBlock, Net, create_model
 from tests.conftest import normal
+from torch_ref.model import create_model as create_torch_model
+
+X = jnp.zeros((1, 28, 28, 1), jnp.float32)
 
 
-def count(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))
+def count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("model", [Net(), SeedNet()])
-def test_output_is_log_probabilities_of_shape_b_by_10(model):
-    x = normal(0, (5, 28, 28, 1))
-    variables = jit_init(model.init)(jax.random.key(1), x)
+def test_output_is_log_probabilities_of_shape_b_by_10():
+    model, x = Net(), normal(0, (5, 28, 28, 1))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
     log_probs = jax.jit(model.apply)(variables, x)
     assert log_probs.shape == (5, 10)
     np.testing.assert_allclose(jnp.exp(log_probs).sum(-1), 1.0, rtol=1e-5)
 
 
-def test_net_and_widenet_have_fewer_than_20k_parameters_tinynet_7k_and_seednet_far_more():
-    x = jnp.zeros((1, 28, 28, 1))
-    net = jax.eval_shape(lambda: Net().init(jax.random.key(0), x))
-    tiny = jax.eval_shape(lambda: create_model("tinynet").init(jax.random.key(0), x))
-    wide = jax.eval_shape(lambda: create_model("widenet").init(jax.random.key(0), x))
-    seed = jax.eval_shape(lambda: SeedNet().init(jax.random.key(0), x))
-    assert count(net["params"]) == 17_064 < 20_000
-    assert count(tiny["params"]) == 6_734 < 7_000
-    assert count(wide["params"]) == 19_816 < 20_000
-    assert count(seed["params"]) == 6_379_786
-    assert set(net) == {"params", "batch_stats"} and set(seed) == {"params"}
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_each_model_stays_under_its_budget_with_torchs_parameter_count(name):
+    spec = MODELS[name]
+    variables = jax.eval_shape(lambda: create_model(name).init(jax.random.key(0), X))
+    parameters = count(variables["params"])
+    torch_parameters = sum(p.numel() for p in create_torch_model(name).parameters())
+    assert spec.budget <= PARAMETER_LIMIT
+    assert parameters < spec.budget
+    assert parameters == torch_parameters  # the same network, counted in each framework
+    assert set(variables) == {"params", "batch_stats"}
 
 
-def test_batchnorm_keeps_torchs_unbiased_running_variance():
-    x = normal(0, (4, 3, 3, 2)) * 3 + 1
-    variables = jit_init(lambda key, x: BatchNorm().init(key, x, train=True))(
-        jax.random.key(1), x)
-    _, updates = jax.jit(BatchNorm().apply, static_argnames=("train", "mutable"))(
-        variables, x, train=True, mutable=("batch_stats",))
-    flat = np.asarray(x).reshape(-1, 2)
-    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1),
-                               rtol=1e-5)
+def test_both_frameworks_build_every_model_of_the_table_at_its_widths():
+    for name, spec in MODELS.items():
+        assert create_model(name).widths == spec.widths
+        torch_model = create_torch_model(name)
+        assert [getattr(torch_model, f"block{i}").conv.out_channels for i in range(1, 7)] == \
+            list(spec.widths)
+    for create in (create_model, create_torch_model):
+        with pytest.raises(ConfigError, match="unknown model 'resnet'"):
+            create("resnet")
 
 
-def test_train_mode_normalises_with_the_batch_and_eval_with_running_stats():
-    x = normal(0, (8, 2, 2, 3)) * 5 + 2
-    variables = jit_init(lambda key, x: BatchNorm().init(key, x, train=False))(
-        jax.random.key(1), x)
+def test_widths_given_replace_the_tables_in_both_frameworks():
+    widths = (6, 8, 10, 10, 12, 12)
+    assert create_model("net", widths=widths).widths == widths
+    assert create_torch_model("net", widths=widths).block6.conv.out_channels == 12
+    assert create_model("net").widths == MODELS["net"].widths  # the table is untouched
+    with pytest.raises(ConfigError, match="--widths needs 6 positive integers"):
+        create_model("net", widths=(8, 10))
+
+
+def torch_batch_norm_reference(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, steps: int):
+    """torch.nn.BatchNorm2d on NHWC `x`: the train-mode output of each of `steps` calls, then the
+    running mean and variance, then the eval-mode output."""
+    bn = torch.nn.BatchNorm2d(x.shape[-1], momentum=0.1, eps=1e-5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(scale))
+        bn.bias.copy_(torch.tensor(bias))
+        nchw = torch.tensor(x).permute(0, 3, 1, 2)
+        trained = [bn.train()(nchw).permute(0, 2, 3, 1).numpy() for _ in range(steps)]
+        evaluated = bn.eval()(nchw).permute(0, 2, 3, 1).numpy()
+    return trained, bn.running_mean.numpy(), bn.running_var.numpy(), evaluated
+
+
+BN_INPUT = normal(0, (4, 3, 3, 5)) * 3 + 1  # 36 values a channel: biased != unbiased variance
+BN_SCALE, BN_BIAS = normal(1, (5,)) + 1, normal(2, (5,))
+
+
+def test_batchnorm_trains_keeps_statistics_and_evaluates_as_torch_does():
+    """Batch statistics (the biased variance) in training, torch's momentum and its *unbiased*
+    variance in the running average, and the running statistics in evaluation."""
+    trained, mean, var, evaluated = torch_batch_norm_reference(BN_INPUT, BN_SCALE, BN_BIAS, 2)
+    variables = {"params": {"scale": BN_SCALE, "bias": BN_BIAS},
+                 "batch_stats": {"mean": np.zeros(5, np.float32), "var": np.ones(5, np.float32)}}
     apply = jax.jit(BatchNorm().apply, static_argnames=("train", "mutable"))
-    trained = apply(variables, x, train=True, mutable=("batch_stats",))[0]
-    np.testing.assert_allclose(trained.mean((0, 1, 2)), 0.0, atol=1e-5)
-    np.testing.assert_allclose(apply(variables, x, train=False), x / np.sqrt(1 + 1e-5),
-                               rtol=1e-5)
+    for want in trained:  # two steps: the momentum compounds as torch's
+        out, updates = apply(variables, BN_INPUT, train=True, mutable=("batch_stats",))
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+        variables = {**variables, **updates}
+    np.testing.assert_allclose(variables["batch_stats"]["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(variables["batch_stats"]["var"], var, rtol=1e-5)
+    np.testing.assert_allclose(apply(variables, BN_INPUT, train=False), evaluated, rtol=1e-5,
+                               atol=1e-5)
 
 
-def test_dropout_drops_whole_channels_only_in_training():
-    model = Net(dropout=0.5)
-    x = normal(0, (4, 28, 28, 1))
-    variables = jit_init(model.init)(jax.random.key(1), x)
-    evaluate = jax.jit(model.apply)
-    np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
+@jax.jit
+def block_outputs(x, key):
+    """A ConvBlock's train-mode output with dropout 0.5 and, from the same variables, without
+    dropout (BatchNorm on the batch's statistics in both)."""
+    dropping, keeping = ConvBlock(8, 0.5), ConvBlock(8, 0.0)
+    variables = dropping.init(jax.random.key(0), x, train=False)
 
-    @jax.jit
-    def train(key):
-        return model.apply(variables, x, train=True, rngs={"dropout": key},
+    def train(block):
+        return block.apply(variables, x, train=True, rngs={"dropout": key},
                            mutable=["batch_stats"])[0]
 
-    assert not np.allclose(train(jax.random.key(2)), train(jax.random.key(3)))
+    return train(dropping), train(keeping)
+
+
+def test_dropout_drops_whole_channels_in_training():
+    dropped, kept = map(np.asarray, block_outputs(normal(0, (6, 10, 10, 3)), jax.random.key(1)))
+    whole = (dropped == 0).all(axis=(1, 2))  # (n, c): the whole 8x8 map is zero
+    assert not (kept == 0).all(axis=(1, 2)).any()  # no map is zero without dropout
+    for n, c in np.ndindex(*whole.shape):
+        if not whole[n, c]:  # a map that is not dropped is kept whole, scaled by 1 / (1 - 0.5)
+            np.testing.assert_allclose(dropped[n, :, :, c], 2 * kept[n, :, :, c], rtol=1e-6)
+    assert 0 < whole.sum() < whole.size  # some maps dropped, some kept
+
+
+@jax.jit
+def net_outputs(x, key, other):
+    """Net's outputs with dropout 0.5 in evaluation and training, each with two dropout keys,
+    and its evaluation without dropout; the same variables (dropout has none)."""
+    variables = Net(dropout=0.0).init(jax.random.key(0), x)
+
+    def output(dropout, train, key):
+        return Net(dropout=dropout).apply(variables, x, train=train, rngs={"dropout": key},
+                                          mutable=["batch_stats"])[0]
+
+    return {"eval": output(0.5, False, key), "eval, other key": output(0.5, False, other),
+            "eval without dropout": output(0.0, False, key),
+            "train": output(0.5, True, key), "train, other key": output(0.5, True, other)}
+
+
+def test_dropout_is_off_in_evaluation():
+    out = jax.tree.map(np.asarray, net_outputs(normal(0, (4, 28, 28, 1)), jax.random.key(2),
+                                               jax.random.key(3)))
+    # Whatever key is given, evaluation draws nothing: no dropout at all.
+    np.testing.assert_array_equal(out["eval, other key"], out["eval"])
+    np.testing.assert_array_equal(out["eval without dropout"], out["eval"])
+    # Training does drop: another key, another output.
+    assert not np.allclose(out["train"], out["train, other key"])
+    assert not np.allclose(out["train"], out["eval"])
 
 
 def test_both_frameworks_start_from_torchs_default_initialisation():
-    import torch
-
-    from torch_ref.model import create_model as create_torch_model
-
     torch.manual_seed(0)
     torch_kernel = create_torch_model("widenet").block6.conv.weight.detach().numpy()
-    init = jit_init(create_model("widenet").init)  # one program, not one per operation
-    params = init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    params = jax.jit(create_model("widenet").init)(jax.random.key(0), X)["params"]
     flax_kernel, head_bias = np.asarray(params["block6"]["conv"]["kernel"]), params["head"]["bias"]
     bound = 1 / np.sqrt(9 * 24)  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3 * 3 * 24
     for kernel in (flax_kernel, torch_kernel):

@@ -1,88 +1,122 @@
-"""flax_impl.extras.kernels: stock Flax and the fast CPU kernels build equal models and equal runs."""
+"""flax_impl.extras.kernels: the kernels are passed into the port by construction, and the stock
+Flax operations and the fast CPU kernels build equal models and equal runs."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from flax_impl import augment, core, setup
+from flax_impl import augment, nnx_model
+from flax_impl import train as flax_train
 from flax_impl.common.config import Config
-from flax_impl.common.errors import ConfigError
-from flax_impl.common.models import MODELS
 from flax_impl.extras import fast
-from flax_impl.extras.kernels import FAST, STOCK, get_kernels, resolve
-from flax_impl.model import batch_normalize, create_model
-from tests.conftest import SHAPE_BATCH_SIZE, SHAPE_STEPS_PER_CALL, normal, synthetic_mnist
-from torch_ref.model import create_model as create_torch_model
-
-
-def build(name: str, dropout: float = 0.05, kernels="auto"):
-    return setup.build_model(Config(model=name, dropout=dropout), kernels)
+from flax_impl.extras.kernels import FAST, STOCK, Kernels, get_kernels
+from flax_impl.model import create_model
+from tests.conftest import SHAPE_BATCH_SIZE, SHAPE_EPOCHS, SHAPE_STEPS_PER_CALL, normal
 
 
 def test_auto_is_fast_on_cpu_and_stock_elsewhere():
-    assert resolve("auto", "cpu") == "fast"
-    assert resolve("auto", "gpu") == resolve("auto", "tpu") == "stock"
-    assert resolve("stock", "cpu") == "stock" and resolve("fast", "gpu") == "fast"
+    assert get_kernels("auto", "cpu") is FAST
+    assert get_kernels("auto", "gpu") is get_kernels("auto", "tpu") is STOCK
+    assert get_kernels("stock", "cpu") is STOCK and get_kernels("fast", "gpu") is FAST
     assert get_kernels("auto") is (FAST if jax.default_backend() == "cpu" else STOCK)
+    variant = dataclasses.replace(FAST, name="mine")
+    assert get_kernels(variant) is variant  # a Kernels is taken as it is
     with pytest.raises(ValueError, match="unknown kernels 'quick'"):
-        resolve("quick")
+        get_kernels("quick")
 
 
-def test_stock_kernels_are_plain_flax_and_fast_ones_are_the_cpu_kernels():
-    assert STOCK.conv is nn.Conv and STOCK.max_pool is nn.max_pool
-    assert STOCK.rotate is augment.rotate
-    stock, quick = build("net", kernels="stock"), build("net", kernels="fast")
-    assert stock.conv is nn.Conv and stock.max_pool is nn.max_pool
-    conv = quick.conv.keywords["conv_general_dilated"]
-    assert conv is fast.conv_general_dilated
-    assert quick.max_pool is fast.max_pool and FAST.rotate is fast.rotate
-    assert quick.normalize is STOCK.batch_normalize is batch_normalize  # one device: stock
+def test_stock_kernels_are_plain_flax_and_fast_ones_the_cpu_kernels():
+    assert STOCK.conv is nn.Conv and STOCK.conv_general_dilated is jax.lax.conv_general_dilated
+    assert STOCK.max_pool is nn.max_pool and STOCK.rotate is augment.rotate
+    assert FAST.conv.func is nn.Conv
+    assert FAST.conv.keywords == {"conv_general_dilated": fast.conv_general_dilated}
+    assert FAST.conv_general_dilated is fast.conv_general_dilated
+    assert FAST.max_pool is fast.max_pool and FAST.rotate is fast.rotate
 
 
-def test_a_batch_spread_over_devices_gets_kernels_that_train_each_share():
-    split = get_kernels("fast", batch_axis="data")
-    assert split.batch_axis == "data" and split.conv_general_dilated is fast.conv_general_dilated
-    normalize = split.batch_normalize
-    assert normalize.func is fast.batch_normalize and normalize.keywords == {"axis_name": "data"}
-    assert get_kernels("fast", batch_axis="data") is split  # one Kernels per split: one program
-    assert get_kernels("stock", batch_axis="data") is STOCK and FAST.batch_axis is None
-    model = setup.build_model(Config(), split)
-    assert model.batch_axis == "data" and model.normalize is normalize
-    run = setup.setup_training(Config(batch_size=64, eval_batch_size=64),
-                               synthetic_mnist(128, 64), devices=jax.devices()[:1],
-                               kernels="fast")
-    assert run.kernels is FAST  # one device: the program XLA splits, as ever
+def spying(kernels: Kernels, seen: Counter) -> Kernels:
+    """`kernels` with each operation counting its calls in `seen`: a variant is a Kernels with
+    fields replaced, nothing patched."""
+
+    def counted(name, operation):
+        def call(*args, **kwargs):
+            seen[name] += 1
+            return operation(*args, **kwargs)
+
+        return call
+
+    return dataclasses.replace(kernels, name="spy",
+                               conv_general_dilated=counted("conv", kernels.conv_general_dilated),
+                               max_pool=counted("max_pool", kernels.max_pool),
+                               rotate=counted("rotate", kernels.rotate))
 
 
-def model_loss_and_grads(name: str, kernels: str, dtype) -> tuple:
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_the_port_runs_the_kernels_it_is_constructed_with(api):
+    seen = Counter()
+    port = flax_train.create_port(Config(api=api, batch_size=8), 10, spying(FAST, seen))
+    state = jax.eval_shape(port.init, jax.random.key(0))  # traced, not run: no compilation
+    batch = (jnp.zeros((8, 28, 28), jnp.uint8), jnp.zeros((8,), jnp.int32))
+    seen.clear()
+    jax.eval_shape(port.train_step, state, batch, jax.random.key(1))
+    assert seen == {"conv": 6, "max_pool": 1, "rotate": 1}  # six blocks, one pool
+    seen.clear()
+    jax.eval_shape(port.log_probs, state, jnp.zeros((8, 28, 28, 1)))
+    assert seen == {"conv": 6, "max_pool": 1}
+    assert FAST.max_pool is fast.max_pool and FAST.name == "fast"  # the original is untouched
+
+
+def linen_loss_and_grads(kernels: Kernels, dtype) -> tuple:
     x = normal(0, (8, 28, 28, 1), dtype)
-    model = build(name, 0.0, kernels)
-    variables = jax.tree.map(lambda v: v.astype(dtype),
-                             core.jit_init(create_model(name, 0.0).init)(jax.random.key(1), x))
+    model = create_model("net", 0.0, conv=kernels.conv, max_pool=kernels.max_pool)
 
-    def loss(params):
-        out, _ = model.apply({**variables, "params": params}, x, train=True,
-                             mutable=["batch_stats"])
-        return jnp.sum(out * jnp.arange(10.0, dtype=dtype))
+    @jax.jit
+    def loss_and_grads(x):
+        variables = jax.tree.map(lambda v: v.astype(dtype), model.init(jax.random.key(1), x))
 
-    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+        def loss(params):
+            out, _ = model.apply({**variables, "params": params}, x, train=True,
+                                 mutable=["batch_stats"])
+            return jnp.sum(out * jnp.arange(10.0, dtype=dtype))
+
+        return jax.value_and_grad(loss)(variables["params"])
+
+    return loss_and_grads(x)
 
 
-# SeedNet in float64 only: XLA:CPU's own float32 gradients of its wide convolutions are up to
-# 1 % from float64 (the fast kernels' are 1e-6), so float32 would test XLA's rounding.
+def nnx_loss_and_grads(kernels: Kernels, dtype) -> tuple:
+    x = normal(0, (8, 28, 28, 1), dtype)
+
+    @jax.jit
+    def loss_and_grads(x):
+        model = nnx_model.create_model("net", 0.0, rngs=nnx.Rngs(1), max_pool=kernels.max_pool,
+                                       conv_general_dilated=kernels.conv_general_dilated)
+
+        def loss(model):
+            return jnp.sum(model(x) * jnp.arange(10.0, dtype=dtype))
+
+        return nnx.value_and_grad(loss)(model)
+
+    return loss_and_grads(x)
+
+
+# The kernels' maths in float64 (float32 as they train: test_a_short_run_...); NNX calls the
+# convolution through nnx.Conv, another path than linen's, which float32 suffices to check.
 @pytest.mark.slow
-@pytest.mark.parametrize("name, dtype", [("net", np.float32), ("net", np.float64),
-                                         ("seednet", np.float64)])
-def test_stock_and_fast_models_give_equal_outputs_and_gradients(name, dtype):
+@pytest.mark.parametrize("api, dtype", [("linen", np.float64), ("nnx", np.float32)])
+def test_stock_and_fast_models_give_equal_outputs_and_gradients(api, dtype):
+    loss_and_grads = linen_loss_and_grads if api == "linen" else nnx_loss_and_grads
     with jax.enable_x64(dtype == np.float64):
         (stock_loss, stock_grads), (fast_loss, fast_grads) = (
-            model_loss_and_grads(name, kernels, dtype) for kernels in ("stock", "fast"))
+            loss_and_grads(kernels, dtype) for kernels in (STOCK, FAST))
     tolerance = 1e-4 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(fast_loss, stock_loss, rtol=tolerance)
     for got, want in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(stock_grads), strict=True):
@@ -90,53 +124,13 @@ def test_stock_and_fast_models_give_equal_outputs_and_gradients(name, dtype):
 
 
 @pytest.mark.slow
-def test_a_short_run_gives_equal_metrics_with_either_kernels():
-    # The suite's run shape: the fast kernels' run shares its programs with the other tests'.
-    config = Config(epochs=2, batch_size=SHAPE_BATCH_SIZE)
-    data = synthetic_mnist(512, 200)
-
-    def run(kernels):
-        run = setup.setup_training(config, data, kernels=kernels,
-                                   steps_per_call=SHAPE_STEPS_PER_CALL)
-        state, losses = run.state, []
-        for epoch in range(1, config.epochs + 1):
-            for first, last in core.chunk_bounds(run.steps_per_epoch, run.steps_per_call):
-                state, metrics = run.run_chunk(state, run.plan(epoch), first, last)
-                losses += list(np.asarray(metrics["loss"]))
-        return np.array(losses), run.score(state)
-
-    (stock_losses, (stock_loss, stock_correct)), (fast_losses, (fast_loss, fast_correct)) = (
-        run("stock"), run("fast"))
-    # Same batches, keys and maths; float32 rounding differs (other summation orders) and 16
+def test_a_short_run_gives_equal_metrics_with_either_kernels(tiny_idx_source):
+    # The suite's run shape (conftest.FLAX_SHAPE): the fast run's programs are the other tests'.
+    config = Config(data_source=tiny_idx_source, epochs=SHAPE_EPOCHS, batch_size=SHAPE_BATCH_SIZE)
+    stock, quick = (flax_train.train(config, steps_per_call=SHAPE_STEPS_PER_CALL, kernels=kernels)
+                    for kernels in ("stock", "fast"))
+    # Same batches, keys and maths; float32 rounding differs (other summation orders) and the
     # steps at the peak learning rate amplify it to a few parts in a thousand.
-    np.testing.assert_allclose(fast_losses, stock_losses, rtol=1e-2)
-    assert fast_loss == pytest.approx(stock_loss, rel=1e-2)
-    assert abs(fast_correct - stock_correct) <= 2
-
-
-def test_both_frameworks_build_every_model_of_the_one_table_at_its_widths():
-    for name, spec in MODELS.items():
-        flax_model, torch_model = create_model(name), create_torch_model(name)
-        assert flax_model.widths == spec.widths
-        first_conv = torch_model.block1.conv if spec.family == "net" else torch_model.conv1
-        assert first_conv.out_channels == spec.widths[0]
-    with pytest.raises(ConfigError, match="unknown model 'resnet'"):
-        create_model("resnet")
-    with pytest.raises(ConfigError, match="unknown model 'resnet'"):
-        create_torch_model("resnet")
-
-
-def test_widths_given_replace_the_tables_in_both_frameworks():
-    widths = (6, 8, 10, 10, 12, 12)
-    assert create_model("net", widths=widths).widths == widths
-    assert create_torch_model("net", widths=widths).block6.conv.out_channels == 12
-    assert build("net").widths == MODELS["net"].widths  # the table is untouched
-    with pytest.raises(ConfigError, match="--widths needs 6 positive integers"):
-        create_model("net", widths=(8, 10))
-
-
-def test_a_variant_is_a_replaced_field_not_a_patch():
-    variant = dataclasses.replace(FAST, max_pool=nn.max_pool)
-    model = build("net", kernels=variant)
-    assert model.max_pool is nn.max_pool and model.conv is FAST.conv
-    assert FAST.max_pool is fast.max_pool  # the original is untouched
+    for key in ("train_loss", "test_loss"):
+        np.testing.assert_allclose([m[key] for m in quick], [m[key] for m in stock], rtol=1e-2)
+    assert abs(quick[-1]["test_accuracy"] - stock[-1]["test_accuracy"]) <= 2 / 200

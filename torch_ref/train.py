@@ -8,6 +8,7 @@ the gradients). `train_loop` runs the epochs: train steps, an evaluation, a chec
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -19,9 +20,10 @@ import torch
 from flax_impl.common import errors
 from flax_impl.common import workdir as workdirs
 from flax_impl.common.atomic import atomic_write
-from flax_impl.common.config import Config, build_parser, config_from_args
+from flax_impl.common.config import Config, build_parser, check_same_flags, config_from_args
 from flax_impl.common.data import Mnist, load_mnist
 from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
+from flax_impl.common.signals import SignalWatch
 from torch_ref import core, distributed
 from torch_ref.distributed import SINGLE, Group
 from torch_ref.model import create_model
@@ -124,6 +126,7 @@ def restore_checkpoint(path: Path, run: Run) -> list[dict] | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        history = workdirs.checked_history(state["history"], f"checkpoint {path}")
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
@@ -134,10 +137,12 @@ def restore_checkpoint(path: Path, run: Run) -> list[dict] | None:
         if run.device.type == "cuda":
             if (cuda_rng := rank_state(state, "cuda_rng", run.group.rank)) is not None:
                 torch.cuda.set_rng_state(cuda_rng, run.device)
+    except errors.WorkdirError:
+        raise
     except Exception as error:  # torch raises many kinds for damaged or foreign files
         raise errors.WorkdirError(f"checkpoint {path} is corrupt or not this run's "
                                   f"({errors.first_line(error)}); delete it or --overwrite") from None
-    return state["history"]
+    return history
 
 
 def restore_state_dict(workdir: str | Path) -> dict:
@@ -264,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{args.distributed_timeout}")
         group = distributed.join_from_env(resolve_device(args.device), args.distributed_timeout)
         with errors.peers_watched(group.name):
+            check_same_flags(group.gather({**{k: str(v) for k, v in vars(args).items()},
+                                           **json.loads(config.to_json())}))
             train(config, args.workdir, args.resume, args.overwrite, args.device, group)
 
-    return distributed.leave(errors.run_command(body))
+    with SignalWatch("; the last epoch's checkpoint is kept: continue with --resume"):
+        return distributed.leave(errors.run_command(body))
 
 
 if __name__ == "__main__":

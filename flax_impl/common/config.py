@@ -76,10 +76,17 @@ class Config:
         return "val" if self.validation else "test"
 
     def steps_per_epoch(self, num_train: int) -> int:
-        """Full batches per epoch; the last partial batch is dropped (ConfigError if none)."""
+        """Full batches per epoch; the last partial batch is dropped. ConfigError if there is
+        none, or if the run is too short for its schedule: the warm-up must end after step 0
+        (torch's OneCycleLR divides by its length)."""
         if num_train < self.batch_size:
             raise ConfigError(f"--batch-size {self.batch_size} is larger than the {num_train} "
                               f"training images")
+        total = self.epochs * (num_train // self.batch_size)
+        if self.warmup_fraction * total <= 1:
+            raise ConfigError(f"--warmup-fraction {self.warmup_fraction} of this run's {total} "
+                              f"steps ends the warm-up at step 0: give more steps (--epochs, "
+                              f"--train-examples, --batch-size) or a larger --warmup-fraction")
         return num_train // self.batch_size
 
     def check_devices(self, devices: int) -> None:
@@ -167,13 +174,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, its errors one line (not the usage block): "PROG: error: ...; see --help"."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def workdir_path(text: str) -> Path:
+    """A --workdir value: a directory path, never empty (an unset shell variable would make it
+    the current directory, which --overwrite would clear)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; name a directory (an unset variable?)")
+    return Path(text)
+
+
 def build_parser(prog: str, description: str, framework: str = "torch"
                  ) -> argparse.ArgumentParser:
     """The flags of a training command, with the recipe's defaults; `framework` "flax" adds
     the Flax-only ones (--api, --steps-per-call, --kernels)."""
     defaults = Config()
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog=prog, description=description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--recipe", default=defaults.recipe, choices=RECIPES,
                         help="the preset of the flags below; each one given overrides it")
 
@@ -206,7 +228,7 @@ def build_parser(prog: str, description: str, framework: str = "torch"
     parser.add_argument("--validation", type=int, default=defaults.validation, metavar="N",
                         help="hold out the last N training images and score each epoch on them "
                              "instead of the test set (0: the test set)")
-    parser.add_argument("--workdir", type=Path, default=None,
+    parser.add_argument("--workdir", type=workdir_path, default=None,
                         help="directory for metrics.jsonl, config.json and checkpoints")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --workdir from its latest checkpoint")
@@ -231,3 +253,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     fields = {f.name for f in dataclasses.fields(Config)} - {"recipe"}
     given = {k: v for k, v in vars(args).items() if k in fields}
     return validate(recipe_config(args.recipe, **given))
+
+
+def check_same_flags(records: list[dict]) -> None:
+    """ConfigError unless every process of a run (its `records`, in process order: the config's
+    fields and the framework's own flags) was started with the same flags."""
+    for index, record in enumerate(records[1:], start=1):
+        differ = sorted(k for k in record.keys() | records[0].keys()
+                        if record.get(k) != records[0].get(k))
+        if differ:
+            raise ConfigError(f"process {index} was started with other flags than process 0 "
+                              f"({', '.join(differ)}): start every process with the same flags")

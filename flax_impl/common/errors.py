@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import math
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 BAD_INPUT_EXIT = 2
@@ -41,6 +44,27 @@ class TrainingStopped(RuntimeError):
         super().__init__(message)
         self.exit_code = exit_code
         self.together = together
+
+
+def damaged_checkpoint(path, error: BaseException) -> WorkdirError:
+    """The one-line error for a checkpoint that cannot be read. The reader's abandoned work
+    (Orbax's reads completing on a closed event loop) prints tracebacks from other threads for a
+    moment, and from the garbage collector: as the command ends with this error, that work is let
+    finish with stderr silenced, and the hooks that would print it later are too."""
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        time.sleep(0.5)
+        gc.collect()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    return WorkdirError(f"checkpoint {path} is corrupt or partial ({first_line(error)}); "
+                        f"delete it to use the previous one, or --overwrite")
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -87,12 +111,25 @@ def run_command(body: Callable[[], object]) -> int:
               "with --resume", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as error:
-        if not disk_full(error):
+        if disk_full(error):
+            print(f"error: the disk is full ({first_line(error)}); the last complete checkpoint "
+                  f"is kept: free some space, then --resume", file=sys.stderr)
+        elif (refused := unwritable(error)) is not None:
+            print(f"error: {refused}: {error.strerror}; choose a directory you can write to "
+                  f"(or make it writable)", file=sys.stderr)
+        else:
             raise
-        print(f"error: the disk is full ({first_line(error)}); the last complete checkpoint is "
-              f"kept: free some space, then --resume", file=sys.stderr)
         return BAD_INPUT_EXIT
     return 0
+
+
+def unwritable(error: BaseException) -> str | None:
+    """The path of a file the command could not create or write (permissions, a read-only or
+    immutable directory, a file where a directory was expected), or None."""
+    if isinstance(error, OSError) and error.filename is not None and error.errno in (
+            errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
+        return str(error.filename)
+    return None
 
 
 def disk_full(error: BaseException) -> bool:

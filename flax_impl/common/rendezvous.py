@@ -20,6 +20,15 @@ class DistributedError(ConfigError):
     """The processes could not start together (one line: what is wrong and what to check)."""
 
 
+def check_resolvable(host: str, flag: str) -> None:
+    """ConfigError (exit 2) unless `host` (given with `flag`) has an address."""
+    try:
+        socket.getaddrinfo(host.strip("[]"), None)
+    except OSError as error:
+        raise ConfigError(f"{flag}: cannot resolve host {host!r} ({error}); give a host name "
+                          f"or address every process can reach") from None
+
+
 def wait_for_coordinator(host: str, port: int, timeout: float, name: str, fix: str) -> None:
     """Wait until `host`:`port` (where `name` listens) accepts TCP connections; after `timeout`
     seconds, DistributedError with its last error and `fix` (what to correct)."""

@@ -6,6 +6,7 @@ Imports neither jax nor torch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 from tqdm import tqdm
@@ -63,3 +64,11 @@ def printing(enabled: bool):
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         yield
+
+
+def quiet_library_logs() -> None:
+    """The commands' logging: our lines as they are; the libraries' warnings and errors only
+    (absl's errors only: Orbax notes there that a read-only checkpoint is read only)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "absl" else logging.WARNING)

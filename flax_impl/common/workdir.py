@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
@@ -18,8 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from flax_impl.common.atomic import atomic_write
-from flax_impl.common.config import Config
-from flax_impl.common.errors import WorkdirError
+from flax_impl.common.config import Config, validate
+from flax_impl.common.errors import ConfigError, WorkdirError
 from flax_impl.common.report import SPLIT_NAMES, eval_split
 
 METRICS_FILE = "metrics.jsonl"
@@ -190,12 +191,16 @@ def create_workdir(workdir: Path, config: Config, framework: str) -> None:
     """Make `workdir` hold a fresh run of `config`: config.json, and none of RUN_OUTPUTS of an
     earlier run."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in RUN_OUTPUTS:
-        stale = workdir / name
-        if stale.is_dir():
-            shutil.rmtree(stale)
+    stale = [workdir / name for name in RUN_OUTPUTS if os.path.lexists(workdir / name)]
+    for path in stale:  # everything is checked before anything is deleted
+        if path.is_symlink():
+            raise WorkdirError(f"{path} is a symbolic link: nothing of the earlier run is "
+                               f"deleted through it; remove it yourself, then run again")
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
         else:
-            stale.unlink(missing_ok=True)
+            path.unlink()
     atomic_write_text(workdir / CONFIG_FILE,
                       json.dumps(config_record(config, framework), indent=2, sort_keys=True) + "\n")
 
@@ -203,12 +208,12 @@ def create_workdir(workdir: Path, config: Config, framework: str) -> None:
 def workdir_record(workdir: str | Path) -> dict:
     """A training workdir's config.json: the Config's fields and "framework" ("flax"/"torch")."""
     path = Path(workdir) / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         raise WorkdirError(f"{workdir} is not a training workdir (no {CONFIG_FILE}); train "
                            f"with --workdir first")
     try:
         record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         record = None
     if not isinstance(record, dict) or record.get("framework") not in ("flax", "torch"):
         raise WorkdirError(f"{path} is not a training config; train with --workdir again")
@@ -216,16 +221,62 @@ def workdir_record(workdir: str | Path) -> dict:
 
 
 def load_config(workdir: str | Path) -> Config:
-    """The Config recorded in a training workdir's config.json."""
+    """The Config recorded in a training workdir's config.json, validated (WorkdirError if it
+    describes no run this version can build)."""
     fields = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in workdir_record(workdir).items() if k in fields})
+    try:
+        return validate(Config(**{k: v for k, v in workdir_record(workdir).items()
+                                  if k in fields}))
+    except (ConfigError, TypeError, ValueError) as error:
+        raise WorkdirError(f"{Path(workdir) / CONFIG_FILE} describes no run this version can "
+                           f"build ({error}); train again with --workdir") from None
+
+
+def checked_history(history, where: str) -> list[dict]:
+    """`history` (a checkpoint's records of its finished epochs, read back) if it is a list of
+    records of epochs 1, 2, ... with finite numbers; WorkdirError naming `where` otherwise."""
+    valid = isinstance(history, list) and all(
+        isinstance(record, dict) and record.get("epoch") == epoch and all(
+            isinstance(value, int | float) and math.isfinite(value) and not isinstance(value, bool)
+            for value in record.values())
+        for epoch, record in enumerate(history, start=1))
+    if not valid:
+        raise WorkdirError(f"{where}: its record of the finished epochs is damaged; delete it "
+                           f"to use the previous checkpoint, or --overwrite")
+    return history
+
+
+def checked_progress(progress, where: str) -> dict:
+    """A Flax checkpoint's progress (epoch, step, loss_sum, history), read back, if whole and
+    consistent; WorkdirError naming `where` otherwise (before anything uses it)."""
+    fields = {"epoch": int, "step": int, "loss_sum": int | float, "history": list}
+    valid = (isinstance(progress, dict) and progress.keys() == fields.keys()
+             and all(isinstance(progress[k], t) and not isinstance(progress[k], bool)
+                     for k, t in fields.items())
+             and progress["epoch"] >= 1 and progress["step"] >= 0
+             and math.isfinite(progress["loss_sum"]))
+    if not valid:
+        raise WorkdirError(f"{where}: its progress record is damaged; delete it to use the "
+                           f"previous checkpoint, or --overwrite")
+    checked_history(progress["history"], where)
+    if len(progress["history"]) != progress["epoch"] - 1:
+        raise WorkdirError(f"{where}: its progress record is inconsistent; delete it to use "
+                           f"the previous checkpoint, or --overwrite")
+    return progress
 
 
 def read_metrics(path: Path) -> list[dict]:
     """The per-epoch records of a metrics.jsonl (empty if it does not exist)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WorkdirError(f"{path} is not a metrics file ({error}); rerun the training that "
+                           f"wrote it") from None
+    if not all(isinstance(record, dict) for record in records):
+        raise WorkdirError(f"{path} is not a metrics file (a line is not a JSON object)")
+    return records
 
 
 def write_metrics(workdir: Path, history: list[dict]) -> None:
@@ -259,6 +310,6 @@ def write_curves(workdir: Path, history: list[dict]) -> Path:
     # Fixed margins: tight_layout measures every label each epoch, for the same layout.
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.25)
     path = workdir / "curves.png"
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=100, format="png"))
     plt.close(figure)
     return path

@@ -13,14 +13,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import sys
+import threading
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flax_impl.common.errors import ConfigError, TrainingStopped, exit_at_once, first_line
-from flax_impl.common.rendezvous import DEFAULT_TIMEOUT, DistributedError, wait_for_coordinator
+from flax_impl.common import config
+from flax_impl.common.errors import (
+    LOST_PEER_EXIT,
+    ConfigError,
+    TrainingStopped,
+    exit_at_once,
+    first_line,
+)
+from flax_impl.common.rendezvous import (
+    DEFAULT_TIMEOUT,
+    DistributedError,
+    check_resolvable,
+    wait_for_coordinator,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +100,23 @@ def initialize(cluster: Cluster) -> None:
     """
     if not cluster.requested:
         return
-    if cluster.coordinator_address and cluster.process_id:  # process 0 starts the coordinator
+    if cluster.coordinator_address:
         host, _, port = cluster.coordinator_address.rpartition(":")
-        wait_for_coordinator(host, int(port), cluster.timeout, "the coordinator",
-                             "--coordinator-address")
+        check_resolvable(host, "--coordinator-address")
+        if cluster.process_id:  # process 0 starts the coordinator
+            wait_for_coordinator(host, int(port), cluster.timeout, "the coordinator",
+                                 "--coordinator-address")
+    # jax aborts the process (a fatal log, a stack) when the processes do not all join in time
+    # (one never started, two took the same --process-id): this watchdog says so in one line
+    # first, and jax's own limit is set later than it.
+    watchdog = threading.Timer(cluster.timeout, not_joined, args=(cluster.timeout,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             cluster.coordinator_address, cluster.num_processes, cluster.process_id,
-            initialization_timeout=cluster.timeout, heartbeat_timeout_seconds=cluster.timeout)
+            initialization_timeout=cluster.timeout + 30,
+            heartbeat_timeout_seconds=cluster.timeout)
     except Exception as error:  # jax raises ValueError, RuntimeError or its own for these
         if cluster.coordinator_address is None and "coordinator_address" in str(error):
             raise DistributedError(
@@ -103,6 +126,16 @@ def initialize(cluster: Cluster) -> None:
             f"jax.distributed.initialize failed ({first_line(error)}); check that every "
             f"process runs with the same --coordinator-address and --num-processes, a "
             f"distinct --process-id, and that process 0 is reachable") from None
+    finally:
+        watchdog.cancel()
+
+
+def not_joined(timeout: float) -> None:
+    """The watchdog's action: one line, exit status 4 at once."""
+    print(f"error: the processes did not all join within {timeout} s (--distributed-timeout): "
+          f"start every one, each with its own --process-id, with the same "
+          f"--coordinator-address and --num-processes", file=sys.stderr, flush=True)
+    exit_at_once(LOST_PEER_EXIT)
 
 
 def start(args: argparse.Namespace) -> str | None:
@@ -110,6 +143,20 @@ def start(args: argparse.Namespace) -> str | None:
     process); this process's name in the run ("process 0 of 2"), None for a single one."""
     initialize(cluster_from_args(args))
     return describe()
+
+
+def check_same_flags(run_config: config.Config, args: argparse.Namespace) -> None:
+    """ConfigError (in every process) unless all processes run the same config with the same
+    flags, --process-id aside: a collective."""
+    if jax.process_count() == 1:
+        return
+    record = {**{k: str(v) for k, v in vars(args).items() if k != "process_id"},
+              **json.loads(run_config.to_json())}
+    text = json.dumps(record, sort_keys=True).encode()
+    size = int(np.max(multihost_utils.process_allgather(np.int32(len(text)))))
+    padded = np.frombuffer(text.ljust(size, b" "), np.uint8)
+    gathered = multihost_utils.process_allgather(padded)
+    config.check_same_flags([json.loads(bytes(row).decode()) for row in gathered])
 
 
 def is_primary() -> bool:
@@ -130,11 +177,12 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def describe() -> str | None:
-    """This process in a multi-process run ("process 0 of 2"); None for a single process."""
+def describe(template: str = "process {index} of {count}") -> str | None:
+    """This process in a multi-process run, `template` filled in ("process 0 of 2"); None for a
+    single process."""
     if jax.process_count() == 1:
         return None
-    return f"process {jax.process_index()} of {jax.process_count()}"
+    return template.format(index=jax.process_index(), count=jax.process_count())
 
 
 @contextlib.contextmanager

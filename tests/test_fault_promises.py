@@ -1,0 +1,287 @@
+"""The README's fault promises where a demanding user found them broken (issue #42): signals that
+act at once, workdirs that cannot be turned against the user, one line everywhere."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flax_impl import train as flax_train
+from flax_impl.common import errors, workdir
+from flax_impl.common.config import Config, recipe_config
+from flax_impl.common.errors import ConfigError, WorkdirError
+from tests.conftest import FLAX_RUN, ROOT, messages
+
+PYTHON = sys.executable
+
+
+def run(module: str, *argv: str, cwd: Path = ROOT, timeout: float = 300,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m module argv`: its exit status and output."""
+    return subprocess.run([PYTHON, "-m", module, *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                **(env or {})})
+
+
+def one_line(result: subprocess.CompletedProcess, code: int) -> str:
+    """The one line a command that failed with `code` said on stderr (asserted)."""
+    said = messages(result.stderr)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert len(said) == 1, said
+    return said[0]
+
+
+# --- Workdirs ---------------------------------------------------------------------------------
+
+def test_an_empty_workdir_is_refused_and_the_current_directory_left_alone(tmp_path):
+    (tmp_path / "model.pt").write_text("mine")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("mine too")
+    result = run("flax_impl.train", "--workdir", "", "--overwrite", cwd=tmp_path)
+    assert "--workdir" in one_line(result, 2)
+    assert (tmp_path / "model.pt").read_text() == "mine"
+    assert (tmp_path / "checkpoints" / "notes.txt").read_text() == "mine too"
+
+
+def test_pictures_replace_a_symbolic_link_and_never_write_through_it(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "curves.png").symlink_to(outside)
+    history = [{"epoch": 1, "train_loss": 1.0, "test_loss": 0.5, "test_accuracy": 0.9,
+                "seconds": 1.0}]
+    workdir.write_curves(run_dir, history)
+    assert outside.read_text() == "not yours"
+    assert not (run_dir / "curves.png").is_symlink()
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_pictures_never_write_through_a_link(tmp_path):
+    import numpy as np
+
+    from flax_impl.evaluate import plot_confusion
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    (tmp_path / "confusion.png").symlink_to(outside)
+    plot_confusion(np.eye(10, dtype=np.int64), tmp_path / "confusion.png")
+    assert outside.read_text() == "not yours"
+    assert not (tmp_path / "confusion.png").is_symlink()
+
+
+def test_overwrite_checks_every_output_before_deleting_any(tmp_path):
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run_dir.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("kept")
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    (run_dir / "curves.png").write_bytes(b"png")
+    (run_dir / "checkpoints").symlink_to(elsewhere)
+    with pytest.raises(WorkdirError, match="symbolic link"):
+        workdir.create_workdir(run_dir, Config(), "flax")
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "curves.png").exists()
+    assert (elsewhere / "keep").read_text() == "kept"
+
+
+# --- Silently wrong -----------------------------------------------------------------------------
+
+def test_a_schedule_whose_warmup_ends_at_step_0_is_refused_naming_the_flags():
+    config = Config(epochs=1, batch_size=128, warmup_fraction=0.125)
+    with pytest.raises(ConfigError, match="--warmup-fraction 0.125 of this run's 8 steps"):
+        config.steps_per_epoch(1024)
+    assert Config(epochs=1, batch_size=128, warmup_fraction=0.3).steps_per_epoch(1024) == 8
+
+
+def test_resume_without_a_workdir_is_one_line(capsys):
+    assert flax_train.main(["--resume", "--epochs", "1"]) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and "--workdir" in said[0]
+
+
+def test_processes_started_with_other_flags_are_refused_in_one_line():
+    from flax_impl.common.config import check_same_flags
+
+    same = json.loads(recipe_config("fast").to_json())
+    check_same_flags([same, dict(same)])
+    with pytest.raises(ConfigError, match=r"process 1 .* \(dropout, max_rotation\)"):
+        check_same_flags([same, {**same, "dropout": 0.2, "max_rotation": 0.0}])
+
+
+# --- One line everywhere --------------------------------------------------------------------
+
+def test_a_bad_choice_is_one_line_not_the_usage_block():
+    result = run("flax_impl.train", "--recipe", "bogus")
+    assert "invalid choice: 'bogus'" in one_line(result, 2)
+
+
+def test_a_directory_that_cannot_be_written_is_one_line(capsys):
+    def write():
+        raise PermissionError(errno.EACCES, "Permission denied", "/w/config.json")
+
+    assert errors.run_command(write) == 2
+    said = messages(capsys.readouterr().err)
+    assert said == ["error: /w/config.json: Permission denied; choose a directory you can "
+                    "write to (or make it writable)"]
+
+
+def test_a_file_where_evaluate_wants_a_directory_is_one_line(tmp_path, capsys):
+    from flax_impl import evaluate
+
+    (tmp_path / "config.json").mkdir()  # not a workdir's config either
+    assert evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "f" / "x")]) == 2
+    assert len(messages(capsys.readouterr().err)) == 1
+
+
+def test_a_config_json_that_is_a_directory_or_names_no_model_is_one_line(tmp_path, capsys):
+    from flax_impl import predict
+
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28), 255).save(image)
+    (tmp_path / "a" / "config.json").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps(
+        {"framework": "flax", **json.loads(Config().to_json()), "model": "nonet"}))
+    for case in ("a", "b"):
+        assert predict.main(["--workdir", str(tmp_path / case), str(image)]) == 2
+        said = messages(capsys.readouterr().err)
+        assert len(said) == 1, said
+
+
+def test_a_malformed_metrics_line_is_a_workdir_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\n{"epoch": 2,\n')
+    with pytest.raises(WorkdirError, match="not a metrics file"):
+        workdir.read_metrics(path)
+
+
+def test_a_damaged_progress_record_is_refused_before_it_is_used():
+    history = [{"epoch": 1, "train_loss": 1.0, "test_loss": 0.5, "test_accuracy": 0.9,
+                "seconds": 1.0}]
+    good = {"epoch": 2, "step": 0, "loss_sum": 0.0, "history": history}
+    assert workdir.checked_progress(good, "here") == good
+    for damaged in ({**good, "epoch": "2"}, {**good, "extra": 1},
+                    {k: v for k, v in good.items() if k != "step"},
+                    {**good, "history": [{**history[0], "epoch": "1"}]},
+                    {**good, "epoch": 3}):
+        with pytest.raises(WorkdirError, match="here"):
+            workdir.checked_progress(damaged, "here")
+
+
+# --- Signals ------------------------------------------------------------------------------------
+
+BUSY_CHILD = """
+import signal, sys, jax, jax.numpy as jnp
+from flax_impl.common.signals import SignalWatch, stop_requests
+
+@jax.jit
+def busy(x):  # minutes of XLA work in one call: no Python bytecode runs meanwhile
+    return jax.lax.fori_loop(0, 10**9, lambda i, y: jnp.sin(y) @ y / 64.0, x)
+
+with SignalWatch("; kept"), stop_requests() as stop:
+    x = jnp.ones((64, 64))
+    busy.lower(x).compile()
+    print("busy", flush=True)
+    busy(x).block_until_ready()
+"""
+
+
+def start_busy() -> subprocess.Popen:
+    process = subprocess.Popen([PYTHON, "-c", BUSY_CHILD], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout.readline().strip() == "busy"
+    return process
+
+
+@pytest.mark.slow
+def test_a_second_signal_acts_at_once_while_a_jitted_computation_runs():
+    process = start_busy()
+    process.send_signal(signal.SIGINT)  # the first: a request to stop at the next chunk
+    time.sleep(0.5)
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)  # the second acts at once, whatever XLA is doing
+    _, stderr = process.communicate(timeout=60)  # a guard: the computation runs for minutes
+    assert process.returncode == 128 + signal.SIGTERM
+    assert messages(stderr) == ["SIGTERM: stopped at once; kept"]
+
+
+@pytest.mark.slow
+def test_a_sigterm_right_after_a_sigint_is_not_lost():
+    process = start_busy()
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert len(messages(stderr)) == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_imports_load_is_one_line():
+    process = subprocess.Popen([PYTHON, "-m", "flax_impl.train", "--epochs", "1"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(0.3)  # (jax takes seconds to import; any moment from start-up on is one line)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT
+    assert len(messages(stderr)) == 1 and messages(stderr)[0].startswith("SIGINT: stopped")
+
+
+def test_a_signal_during_the_last_evaluation_stops_with_its_status(tiny_idx_source, tmp_path,
+                                                                   monkeypatch):
+    import contextlib
+    import types
+
+    from flax_impl import core
+
+    watch = types.SimpleNamespace(signal=None)  # what the watcher thread sets on a signal
+    monkeypatch.setattr(flax_train, "stop_requests", lambda: contextlib.nullcontext(watch))
+    real, epochs = core.make_evaluate, int(FLAX_RUN[1])
+
+    def evaluate_then_signal(*args, **kwargs):
+        evaluate, calls = real(*args, **kwargs), []
+
+        def evaluated(*inner):
+            calls.append(1)
+            if len(calls) == epochs:  # the last epoch's evaluation
+                watch.signal = signal.SIGINT
+            return evaluate(*inner)
+
+        return evaluated
+
+    monkeypatch.setattr(core, "make_evaluate", evaluate_then_signal)
+    config = recipe_config(epochs=epochs, batch_size=int(FLAX_RUN[3]),
+                           data_source=tiny_idx_source)
+    with pytest.raises(errors.TrainingStopped) as stopped:
+        flax_train.train(config, tmp_path / "w", steps_per_call=int(FLAX_RUN[5]))
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+    assert f"after epoch {epochs}" in str(stopped.value)
+    assert len(workdir.read_metrics(tmp_path / "w" / "metrics.jsonl")) == epochs
+
+
+# --- Several processes --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_process_whose_peers_never_join_is_one_line_and_exit_4():
+    result = run("flax_impl.train", "--coordinator-address", "localhost:29517",
+                 "--num-processes", "2", "--process-id", "0", "--distributed-timeout", "3",
+                 env={"JAX_PLATFORMS": "cpu"})
+    assert "did not all join" in one_line(result, 4)
+
+
+def test_an_unresolvable_coordinator_is_one_line_and_exit_2():
+    result = run("flax_impl.train", "--coordinator-address", "nohost.invalid:29518",
+                 "--num-processes", "2", "--process-id", "0", env={"JAX_PLATFORMS": "cpu"})
+    assert "cannot resolve" in one_line(result, 2)
