@@ -519,7 +519,8 @@ def main(argv: list[str] | None = None, steps: tuple[Step, ...] | None = None) -
     """Command-line entry point; `steps`: the steps to choose from (default: STEPS)."""
     steps = STEPS if steps is None else steps
     parser = argparse.ArgumentParser(prog="python -m compare.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # the phases step passes on the rest
     parser.add_argument("--out", type=Path, help="where the files go (default: "
                         "results/gpu/<card>)")
     parser.add_argument("--mnist-gz", type=Path, help="a gzipped MNIST cache to use")
@@ -549,8 +550,8 @@ def main(argv: list[str] | None = None, steps: tuple[Step, ...] | None = None) -
     found = devices(env)
     out = args.out or Path("results/gpu") / card_name(found)
     out.mkdir(parents=True, exist_ok=True)
-    for step in steps:  # each log holds this check's output alone
-        (out / step.log).unlink(missing_ok=True)
+    for name in chosen:  # each log of a step run holds this check's output alone
+        (out / known[name].log).unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     if args.mnist_gz:
         unpack_cache(args.mnist_gz, work / "cache")

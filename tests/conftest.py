@@ -37,16 +37,17 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# The suite's one Flax run shape: the tiny source's 512 images (`tiny_idx_source`), 8 steps of
+# The suite's one Flax run shape: the tiny source's TINY_TRAIN images (`tiny_idx_source`), 8 steps of
 # 64 an epoch in two jitted calls (a signal can stop a run mid-epoch), the default evaluation
 # batch. The training tests that are not about the shape train with it, in or out of process,
 # so the compilation cache holds their programs once.
+TINY_TRAIN, TINY_TEST = 512, 200  # the tiny source's images (`tiny_idx_source`)
 SHAPE_BATCH_SIZE, SHAPE_STEPS_PER_CALL = 64, 4
 FLAX_SHAPE = ("--batch-size", str(SHAPE_BATCH_SIZE), "--steps-per-call", str(SHAPE_STEPS_PER_CALL))
 # The schedule's length is compiled into the train program: the runs that are not about their
 # length train SHAPE_EPOCHS epochs, so that one program serves them all (FLAX_RUN, TORCH_RUN).
 SHAPE_EPOCHS = 3
-SHAPE_STEPS = 512 // SHAPE_BATCH_SIZE  # steps per epoch on the tiny source
+SHAPE_STEPS = TINY_TRAIN // SHAPE_BATCH_SIZE  # steps per epoch on the tiny source
 FLAX_RUN = ("--epochs", str(SHAPE_EPOCHS), *FLAX_SHAPE)
 TORCH_RUN = ("--epochs", str(SHAPE_EPOCHS), "--batch-size", str(SHAPE_BATCH_SIZE))
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,8 +112,9 @@ def crash_in_epoch(monkeypatch, train_module, epoch: int) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_idx_source(tmp_path_factory) -> str:
-    """A `--data-source` value for 512 training and 200 test synthetic digits."""
-    directory = write_idx_dir(tmp_path_factory.mktemp("tiny_idx"), synthetic_mnist(512, 200))
+    """A `--data-source` value for TINY_TRAIN training and TINY_TEST test synthetic digits."""
+    directory = write_idx_dir(tmp_path_factory.mktemp("tiny_idx"),
+                              synthetic_mnist(TINY_TRAIN, TINY_TEST))
     return f"idx:{directory}"
 
 
@@ -222,7 +224,13 @@ def taken_signal() -> int | None:
 
 def signal_self(signum: int) -> None:
     """Send `signum` to this process and return once the running training loop has taken it
-    (its delivery, through a watcher thread, is then no race with the loop's next check)."""
+    (its delivery, through a watcher thread, is then no race with the loop's next check). Fails
+    instead where no loop would take it as a request to stop: the signal would end the test's
+    own process."""
+    from flax_impl.common.signals import SignalWatch
+
+    if SignalWatch.active is None or not SignalWatch.active.stop_first:
+        pytest.fail("no training loop here takes a signal as a request to stop")
     os.kill(os.getpid(), signum)
     deadline = time.monotonic() + 60  # a guard against a hang, not a measurement
     while taken_signal() != signum:

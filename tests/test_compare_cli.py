@@ -17,6 +17,7 @@ from flax_impl import model as flax_model
 from flax_impl.common.config import Config, build_parser
 from flax_impl.common.models import MODELS, PARAMETER_LIMIT
 from flax_impl.extras.kernels import FAST, STOCK
+from tests.conftest import SHAPE_BATCH_SIZE, SHAPE_EPOCHS, SHAPE_STEPS, SHAPE_STEPS_PER_CALL
 
 
 def test_params_counts_agree_in_all_three_and_each_table_model_is_under_its_budget(capsys):
@@ -37,10 +38,10 @@ def test_params_counts_come_from_the_models():
     table = params.parameter_table("net")
     torch_count = sum(p.numel() for p in torch_model("net").parameters())
     nnx_count = sum(x.size for x in jax.tree.leaves(
-        nnx.state(nnx_module("net"), nnx.Param)))
-    linen_count = sum(x.size for x in jax.tree.leaves(
-        flax_model.create_model("net", 0.0).init(jax.random.key(0),
-                                                 np.zeros((1, 28, 28, 1), np.float32))["params"]))
+        nnx.state(nnx.eval_shape(lambda: nnx_module("net")), nnx.Param)))
+    linen_count = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
+        lambda: flax_model.create_model("net", 0.0).init(
+            jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))["params"])))
     assert table["torch_total"] == torch_count
     assert table["nnx_total"] == nnx_count
     assert table["flax_total"] == linen_count
@@ -145,9 +146,13 @@ def test_accuracy_fails_when_a_run_misses_the_target(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_speed_benchmark_runs_and_writes_json(tmp_path, tiny_idx_source, capsys):
+def test_speed_benchmark_runs_and_writes_json(tmp_path, tiny_idx_source, monkeypatch, capsys):
+    # The recipe at the suite's run shape: the compilation cache holds its programs.
+    monkeypatch.setattr(speed, "recipe_config", lambda recipe, **overrides: Config(
+        epochs=SHAPE_EPOCHS, batch_size=SHAPE_BATCH_SIZE, **overrides))
     out = tmp_path / "speed.json"
-    assert speed.main(["--steps", "4", "--steps-per-call", "2", "--no-epoch", "--json", str(out),
+    assert speed.main(["--steps", str(2 * SHAPE_STEPS_PER_CALL), "--steps-per-call",
+                       str(SHAPE_STEPS_PER_CALL), "--no-epoch", "--json", str(out),
                        "--data-source", tiny_idx_source]) == 0
     printed = capsys.readouterr().out
     assert "training images/s" in printed
@@ -155,10 +160,11 @@ def test_speed_benchmark_runs_and_writes_json(tmp_path, tiny_idx_source, capsys)
     # the persistent compilation cache is on, as for training (here: the tests' directory)
     assert numbers["compilation_cache"] == os.environ["JAX_COMPILATION_CACHE_DIR"]
     assert f"compilation cache: {numbers['compilation_cache']}" in printed
-    assert numbers["flax"]["step"]["n"] == 2 and numbers["torch"]["step"]["n"] == 4
+    assert numbers["flax"]["step"]["n"] == 2  # rounds: one scan call each, then as many
+    assert numbers["torch"]["step"]["n"] == 2 * SHAPE_STEPS_PER_CALL  # torch steps
     assert numbers["paired_step_speedup"] > 0
     assert numbers["train_flops_per_image"] == speed.train_flops_per_image()
-    assert numbers["steps_per_epoch"] == 512 // Config().batch_size  # the tiny source's
+    assert numbers["steps_per_epoch"] == SHAPE_STEPS and numbers["batch_size"] == SHAPE_BATCH_SIZE
 
 
 class FakeBench:

@@ -1,4 +1,5 @@
-"""flax_impl.common.config: recipes as presets, flags on top of them, validation splits."""
+"""flax_impl.common.config: recipes as presets, flags on top of them, the values no run can use,
+validation splits, each command's own flags."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flax_impl.common.config import RECIPES, Config, build_parser, config_from_args
+from flax_impl.common.config import (
+    RECIPES,
+    STEPS_PER_CALL,
+    Config,
+    build_parser,
+    config_from_args,
+)
 from flax_impl.common.errors import ConfigError
 from tests.conftest import synthetic_mnist
 
@@ -29,10 +36,57 @@ def test_a_recipe_sets_its_fields_and_given_flags_override_them(recipe):
     assert dataclasses.replace(preset, epochs=7, lr=0.03) == overridden
 
 
-def test_an_unknown_recipe_is_refused_by_the_parser(capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be > 0, got 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0, got 0"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+    (["--warmup-fraction", "1"], "--warmup-fraction must be in (0, 1), got 1.0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--max-rotation", "180.5"], "--max-rotation must be in [0, 180] degrees, got 180.5"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--seed", str(2**32)], f"--seed must be in [0, 2**32), got {2**32}"),
+    (["--validation", "-1"], "--validation must be >= 0, got -1"),
+    (["--train-examples", "0"], "--train-examples must be > 0, got 0"),
+    (["--widths", "1,2,3,4,5,0"], "--widths needs 6 positive integers (e.g. 10,16,16,16,24,32), "
+                                  "got 1,2,3,4,5,0"),
+])
+def test_a_value_no_run_can_use_is_refused_saying_which_and_why(flags, message):
+    with pytest.raises(ConfigError) as refused:
+        parse(*flags)
+    assert str(refused.value) == message
+
+
+def test_the_values_at_the_edges_of_their_ranges_are_accepted():
+    config = parse("--max-rotation", "180", "--dropout", "0", "--seed", str(2**32 - 1),
+                   "--weight-decay", "0", "--model", "tinynet", "--widths", "1,1,1,1,1,1")
+    assert (config.max_rotation, config.seed, config.widths) == (180.0, 2**32 - 1, (1,) * 6)
+
+
+def test_a_run_needs_a_full_batch_and_batches_that_divide_over_its_devices():
+    assert Config(batch_size=64).steps_per_epoch(200) == 3  # the last partial batch dropped
+    with pytest.raises(ConfigError, match="--batch-size 100 is larger than the 99 training"):
+        Config(batch_size=100).steps_per_epoch(99)
+    Config(batch_size=64, eval_batch_size=100).check_devices(2)
+    with pytest.raises(ConfigError, match="must divide evenly over 3 devices"):
+        Config(batch_size=64).check_devices(3)
+
+
+def test_the_flax_command_has_its_own_flags_and_the_torch_one_none_of_them(capsys):
+    args = build_parser("flax", "", "flax").parse_args(
+        ["--api", "nnx", "--steps-per-call", "5", "--kernels", "stock"])
+    assert (args.api, args.steps_per_call, args.kernels) == ("nnx", 5, "stock")
+    assert config_from_args(args).api == "nnx"
+    assert build_parser("flax", "", "flax").parse_args([]).steps_per_call == STEPS_PER_CALL
     with pytest.raises(SystemExit):
-        parse("--recipe", "fastest")
-    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+        build_parser("flax", "", "flax").parse_args(["--steps-per-call", "0"])
+    assert "--steps-per-call: must be > 0, got 0" in capsys.readouterr().err
+    for flag in ("--api", "--steps-per-call", "--kernels"):
+        with pytest.raises(SystemExit):
+            build_parser("torch", "").parse_args([flag, "1"])
+        assert f"unrecognized arguments: {flag} 1" in capsys.readouterr().err
 
 
 def test_the_validation_split_is_the_last_training_images():

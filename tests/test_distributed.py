@@ -10,6 +10,7 @@ stopped at a train call the test chooses (conftest.TrainingHook); the tests read
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -25,7 +26,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from flax_impl import train as flax_train
 from flax_impl.common.config import recipe_config
 from flax_impl.common.workdir import read_metrics
 from tests.conftest import (
@@ -52,6 +52,20 @@ from torch_ref.distributed import GlobalBatchNorm2d, Group
 TIMEOUT = "60"  # --distributed-timeout: seconds to wait for all processes to join
 
 
+@contextlib.contextmanager
+def killed_at_exit():
+    """`started(processes)` registers processes to kill if the block fails (none is left
+    waiting at a pause)."""
+    processes = []
+    try:
+        yield lambda started: processes.extend(started) or started
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -62,6 +76,11 @@ def epochs_of(workdir: Path) -> list[dict]:
     """`workdir`'s per-epoch records without their durations."""
     return [{k: v for k, v in record.items() if k != "seconds"}
             for record in read_metrics(workdir / "metrics.jsonl")]
+
+
+def training_stderr(stderr: str) -> str:
+    """What a process printed on stderr from its first epoch's progress bar on."""
+    return stderr[stderr.index("Epoch 1/"):]
 
 
 def assert_close(run: list[dict], reference: list[dict], rtol: float) -> None:
@@ -94,34 +113,39 @@ def flax_story(tiny_idx_source, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("flax_story")
     argv = ["--data-source", tiny_idx_source, *FLAX_RUN, "--workdir", str(root / "two")]
     story = {"workdir": root / "two", "hooks": [root / "hooks1", root / "hooks2"]}
+    with killed_at_exit() as started:
+        # The same run on one process with two devices, uninterrupted, meanwhile.
+        reference = started([subprocess.Popen(
+            [sys.executable, "-m", "flax_impl.train", *argv[:-1], str(root / "devices")],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=child_env(2))])[0]
+        flax_stages(argv, story, started)
+        result = finish(reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+    story["devices"] = epochs_of(root / "devices")
+    return story
 
+
+def flax_stages(argv: list[str], story: dict, started: list) -> None:
     # 1. SIGTERM to process 1 as both wait before epoch 2's first chunk.
-    processes = flax_processes(argv, story["hooks"][0], pause_at=FLAX_CALLS_PER_EPOCH + 1)
+    processes = started(flax_processes(argv, story["hooks"][0], pause_at=FLAX_CALLS_PER_EPOCH + 1))
     wait_paused(processes, story["hooks"][0])
     processes[1].send_signal(signal.SIGTERM)
-    wait_paused(processes[1:], story["hooks"][0], "signalled")
+    wait_paused(processes[1:], story["hooks"][0], "signalled", timeout=60)
     say_go(story["hooks"][0])  # process 0 goes on: it learns of the signal from process 1
     story["stopped"] = [finish(process) for process in processes]
     story["stopped_steps"] = [steps_logged(story["hooks"][0], p) for p in processes]
-    story["stopped_epochs"] = epochs_of(root / "two")
-    story["checkpoints"] = sorted(int(p.name) for p in (root / "two" / "checkpoints").iterdir())
+    story["stopped_epochs"] = epochs_of(story["workdir"])
+    story["checkpoints"] = sorted(int(p.name) for p in (story["workdir"] / "checkpoints").iterdir())
 
     # 2. Both resume; process 1 is killed as both wait before epoch 3's first chunk.
-    processes = flax_processes([*argv, "--resume"], story["hooks"][1], pause_at=2)
+    processes = started(flax_processes([*argv, "--resume"], story["hooks"][1], pause_at=2))
     wait_paused(processes, story["hooks"][1])
     processes[1].kill()
     story["killed"] = finish(processes[1])
     say_go(story["hooks"][1])
     story["survivor"] = finish(processes[0])
     story["resumed_steps"] = steps_logged(story["hooks"][1], processes[0])
-
-    # The same run on one process with two devices, uninterrupted.
-    reference = subprocess.run([sys.executable, "-m", "flax_impl.train", *argv[:-1],
-                                str(root / "devices")], cwd=ROOT, capture_output=True, text=True,
-                               env=child_env(2), timeout=300)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    story["devices"] = epochs_of(root / "devices")
-    return story
 
 
 @pytest.mark.slow
@@ -141,7 +165,9 @@ def test_flax_process_0_alone_prints_and_draws_the_progress(flax_story):
     first, second = flax_story["stopped"]
     assert "Flax on 2 cpu device(s) in 2 processes" in first.stdout
     assert first.stdout.count("Test set") == 1 and "Epoch 1/3" in first.stderr
-    assert second.stdout == "" and "Epoch" not in second.stderr
+    for line in ("Flax on", "Test set", "Done"):  # (gloo's C++ may print its own)
+        assert line not in second.stdout
+    assert "Epoch" not in second.stderr
 
 
 @pytest.mark.slow
@@ -153,8 +179,9 @@ def test_flax_two_processes_resume_and_train_as_one_process_with_two_devices(fla
     assert flax_story["resumed_steps"] == [4, 4]
     resumed = epochs_of(flax_story["workdir"])
     assert [m["epoch"] for m in resumed] == [1, 2]
-    # Two processes of one device each run the program one process runs on two devices.
-    assert_close(resumed, flax_story["devices"][:2], rtol=1e-6)
+    # Two processes of one device each run the program one process runs on two devices: the
+    # same bits (each sum over the devices has two terms), through the stop and the resume.
+    assert resumed == flax_story["devices"][:2]
 
 
 @pytest.mark.slow
@@ -177,12 +204,16 @@ def test_flax_a_process_that_dies_stops_the_other_with_one_line_and_exit_4(flax_
     (["--distributed", "--distributed-timeout", "0"], "--distributed-timeout must be > 0"),
 ])
 def test_flax_bad_process_flags_say_what_is_wrong(flags, message, capsys):
+    from flax_impl import train as flax_train  # (not in the torch ranks this module spawns)
+
     assert flax_train.main(flags) == 2
     said = messages(capsys.readouterr().err)
     assert len(said) == 1 and said[0].startswith("error: ") and message in said[0]
 
 
 def test_flax_an_unreachable_coordinator_is_one_line(capsys):
+    from flax_impl import train as flax_train
+
     port = free_port()
     assert flax_train.main(["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
                             "--process-id", "1", "--distributed-timeout", "1"]) == 2
@@ -320,19 +351,9 @@ def torch_story(tiny_idx_source, tmp_path_factory) -> dict:
     flags = ["--data-source", tiny_idx_source, *TORCH_DISTRIBUTED_RUN, "--workdir",
              str(root / "two")]
     hooks, port = root / "hooks", str(free_port())
-    ranks = [start_hooked("torch_ref.train", [*flags, "--distributed-timeout", TIMEOUT], hooks,
-                          pause_at=SHAPE_STEPS + 1,
-                          env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
-                               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                               "MASTER_PORT": port})
-             for rank in range(2)]
-    wait_paused(ranks, hooks)
-    ranks[1].kill()
-    story = {"workdir": root / "two", "killed": finish(ranks[1])}
-    say_go(hooks)
-    story["survivor"] = finish(ranks[0])
-    story["stopped_epochs"] = epochs_of(root / "two")
-
+    with killed_at_exit() as started:
+        story = torch_stages(flags, hooks, port, started)
+    story["workdir"] = root / "two"
     story["resumed"] = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
          str(free_port()), "-m", "torch_ref.train", *flags, "--resume"], cwd=ROOT,
@@ -343,16 +364,32 @@ def torch_story(tiny_idx_source, tmp_path_factory) -> dict:
     return story
 
 
+def torch_stages(flags: list[str], hooks: Path, port: str, started) -> dict:
+    ranks = [start_hooked("torch_ref.train", [*flags, "--distributed-timeout", TIMEOUT], hooks,
+                          pause_at=SHAPE_STEPS + 1,
+                          env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
+                               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": port})
+             for rank in range(2)]
+    started(ranks)
+    wait_paused(ranks, hooks)
+    ranks[1].kill()
+    story = {"killed": finish(ranks[1])}
+    say_go(hooks)
+    story["survivor"] = finish(ranks[0])
+    story["stopped_epochs"] = epochs_of(Path(flags[-1]))
+    return story
+
+
 @pytest.mark.slow
 def test_torch_a_rank_that_dies_stops_the_other_with_one_line_and_exit_4(torch_story):
     assert torch_story["killed"].returncode == -signal.SIGKILL
     survivor = torch_story["survivor"]
     assert survivor.returncode == 4, survivor.stderr[-3000:]
-    said = messages(survivor.stderr)
-    assert said[0].startswith("data: ")  # torch's log of what it loaded
-    assert len(said) == 2, said
-    assert said[1].startswith("error: rank 0 of 2: a collective failed (")
-    assert said[1].endswith("); another process has died or stopped, so this one stops too; "
+    said = messages(training_stderr(survivor.stderr))  # (start-up's warnings left out)
+    assert len(said) == 1, said
+    assert said[0].startswith("error: rank 0 of 2: a collective failed (")
+    assert said[0].endswith("); another process has died or stopped, so this one stops too; "
                             "restart all of them with --resume")
     assert [m["epoch"] for m in torch_story["stopped_epochs"]] == [1]
 

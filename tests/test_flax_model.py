@@ -122,8 +122,8 @@ def test_dropout_drops_whole_channels_in_training():
 
 @jax.jit
 def net_outputs(x, key, other):
-    """Net's outputs with dropout 0.5 in evaluation and training, each with two dropout keys,
-    and its evaluation without dropout; the same variables (dropout has none)."""
+    """Net's outputs with dropout 0.5 in evaluation (with two dropout keys) and in training, and
+    its evaluation without dropout; the same variables (dropout has none)."""
     variables = Net(dropout=0.0).init(jax.random.key(0), x)
 
     def output(dropout, train, key):
@@ -132,7 +132,7 @@ def net_outputs(x, key, other):
 
     return {"eval": output(0.5, False, key), "eval, other key": output(0.5, False, other),
             "eval without dropout": output(0.0, False, key),
-            "train": output(0.5, True, key), "train, other key": output(0.5, True, other)}
+            "train": output(0.5, True, key)}
 
 
 def test_dropout_is_off_in_evaluation():
@@ -141,9 +141,7 @@ def test_dropout_is_off_in_evaluation():
     # Whatever key is given, evaluation draws nothing: no dropout at all.
     np.testing.assert_array_equal(out["eval, other key"], out["eval"])
     np.testing.assert_array_equal(out["eval without dropout"], out["eval"])
-    # Training does drop: another key, another output.
-    assert not np.allclose(out["train"], out["train, other key"])
-    assert not np.allclose(out["train"], out["eval"])
+    assert not np.allclose(out["train"], out["eval"])  # (what training drops: the test above)
 
 
 def test_both_frameworks_start_from_torchs_default_initialisation():

@@ -118,6 +118,19 @@ def test_resume_continues_where_the_run_stopped_and_trains_only_the_rest(runs):
 
 
 @pytest.mark.slow
+def test_the_stock_kernels_train_as_the_fast_ones(runs, tiny_idx_source):
+    stock = flax_train.train(shape_config(tiny_idx_source), steps_per_call=SHAPE_STEPS_PER_CALL,
+                             kernels="stock")
+    # The same batches, keys and maths (the run in `runs`: "auto", the fast kernels on a CPU);
+    # float32 rounds in other orders and the steps at the peak learning rate amplify it to a few
+    # parts in a thousand.
+    for key in ("train_loss", "test_loss"):
+        np.testing.assert_allclose([m[key] for m in stock], [m[key] for m in runs.straight],
+                                   rtol=1e-2)
+    assert abs(stock[-1]["test_accuracy"] - runs.straight[-1]["test_accuracy"]) <= 2 / 200
+
+
+@pytest.mark.slow
 def test_steps_per_call_does_not_change_the_training(runs, tiny_idx_source):
     whole_epochs = flax_train.train(shape_config(tiny_idx_source), steps_per_call=SHAPE_STEPS)
     for got, want in zip(whole_epochs, runs.straight, strict=True):

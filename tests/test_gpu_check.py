@@ -16,7 +16,13 @@ from compare.gpu_check import Step
 from flax_impl import train as flax_train
 from flax_impl.common.config import Config
 from flax_impl.common.data import load_mnist, write_cache
-from tests.conftest import SHAPE_BATCH_SIZE, SHAPE_STEPS_PER_CALL, synthetic_mnist
+from tests.conftest import (
+    SHAPE_BATCH_SIZE,
+    SHAPE_EPOCHS,
+    SHAPE_STEPS,
+    SHAPE_STEPS_PER_CALL,
+    synthetic_mnist,
+)
 
 TRAINING_STUB = """
 import json, pathlib, sys
@@ -161,17 +167,17 @@ def test_time_to_99_4_sums_the_epoch_seconds_up_to_the_first_epoch_there():
 
 @pytest.fixture(scope="module")
 def timed_run(tmp_path_factory, tiny_idx_source):
-    """The phases child, in this process, on the tiny source at the suite's shape (two epochs),
-    as if started 100 s ago; and the product's own training of the same config."""
+    """The phases child, in this process, on the tiny source at the suite's run shape, as if
+    started 100 s ago; and the product's own training of the same config."""
     tmp = tmp_path_factory.mktemp("timed")
-    flags = ["--data-source", tiny_idx_source, "--epochs", "2", "--batch-size",
+    flags = ["--data-source", tiny_idx_source, "--epochs", str(SHAPE_EPOCHS), "--batch-size",
              str(SHAPE_BATCH_SIZE), "--steps-per-call", str(SHAPE_STEPS_PER_CALL)]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MNIST20K_CACHE", str(tmp / "cache"))
         patch.setenv(gpu_check.SPAWNED_AT, repr(time.time() - 100))
         assert gpu_check.main(["--phases-json", str(tmp / "phases.json"), "--workdir",
                                str(tmp / "work"), *flags]) == 0
-        product = flax_train.train(Config(data_source=tiny_idx_source, epochs=2,
+        product = flax_train.train(Config(data_source=tiny_idx_source, epochs=SHAPE_EPOCHS,
                                           batch_size=SHAPE_BATCH_SIZE),
                                    steps_per_call=SHAPE_STEPS_PER_CALL)
     return json.loads((tmp / "phases.json").read_text()), product, tmp / "work"
@@ -182,7 +188,8 @@ def test_the_timed_run_trains_as_the_product_does(timed_run):
     drop_seconds = [{k: v for k, v in m.items() if k != "seconds"} for m in product]
     assert [{k: v for k, v in m.items() if k != "seconds"} for m in timed["history"]] == \
         drop_seconds
-    assert (timed["epochs"], timed["steps_per_epoch"], timed["steps_per_call"]) == (2, 8, 4)
+    assert (timed["epochs"], timed["steps_per_epoch"], timed["steps_per_call"]) == (
+        SHAPE_EPOCHS, SHAPE_STEPS, SHAPE_STEPS_PER_CALL)
 
 
 def test_the_timed_run_times_each_phase_and_each_programs_compilation(timed_run):
@@ -191,9 +198,11 @@ def test_the_timed_run_times_each_phase_and_each_programs_compilation(timed_run)
     assert timed["phases"]["startup"] >= 100  # from the process's start, not the imports'
     assert all(timed["phases"][name] > 0 for name in ("data", "compile", "steps", "evaluation",
                                                       "checkpoints"))
-    assert sorted(timed["programs"]) == ["evaluate", "init", "plan", "train_chunk[4]"]
+    assert sorted(timed["programs"]) == ["evaluate", "init", "plan",
+                                         f"train_chunk[{SHAPE_STEPS_PER_CALL}]"]
     assert sum(timed["programs"].values()) <= timed["phases"]["compile"]
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [8, 16]
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+    assert kept == [(SHAPE_EPOCHS - 1) * SHAPE_STEPS, SHAPE_EPOCHS * SHAPE_STEPS]  # Orbax keeps 2
 
 
 def test_the_phase_split_adds_what_no_phase_holds_and_reports_each_phase():

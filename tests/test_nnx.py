@@ -14,11 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx, traverse_util
 from PIL import Image
 
-from compare import convert
 from flax_impl import core, evaluate, nnx_model, nnx_train, predict
 from flax_impl import train as flax_train
 from flax_impl.common.config import Config
@@ -136,7 +134,7 @@ def test_each_model_has_linens_variable_names_and_shapes(name):
 # --- The train step -----------------------------------------------------------------------------
 
 def test_the_step_updates_the_modules_in_place_and_functional_step_is_that_step():
-    config = Config(batch_size=16)  # rotation and dropout on
+    config = Config(batch_size=16, max_rotation=0.0)  # dropout on (rotation: a smaller program)
     tx = core.create_optimizer(config, 10)
     data = synthetic_mnist(16, 1)
     batch = (jnp.asarray(data.train_images), jnp.asarray(data.train_labels))
@@ -285,32 +283,3 @@ def test_the_api_is_recorded_in_the_runs_config_and_a_bad_one_is_one_line(runs, 
     assert exit.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "invalid choice: 'haiku'" in lines[0], lines
-
-
-# --- Conversions ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", ["tinynet", "seednet"])
-def test_torch_nnx_and_linen_conversions_are_lossless(name):
-    torch.manual_seed(0)
-    original = convert.torch_model(name).state_dict()
-    module = convert.torch_to_nnx(original, name)
-    back = convert.nnx_to_torch(module, name)
-    for key, value in original.items():
-        if not key.endswith("num_batches_tracked"):
-            torch.testing.assert_close(back[key], value, rtol=0, atol=0)
-    linen = convert.nnx_to_linen(module, name)
-    assert_trees_equal(linen, convert.torch_to_flax(original, name))
-    assert_trees_equal(convert.nnx_to_linen(convert.linen_to_nnx(linen, name), name), linen)
-
-
-def test_conversion_errors_name_the_key_and_shape():
-    linen = convert.nnx_to_linen(nnx_model.create_model("net", rngs=nnx.Rngs(0)))
-    with pytest.raises(convert.ConversionError, match=r"'batch_stats/block1/bn/mean' has shape "
-                                                      r"\[10\], tinynet needs \[8\]"):
-        convert.linen_to_nnx(linen, "tinynet")
-    del linen["batch_stats"]["block3"]["bn"]["var"]
-    with pytest.raises(convert.ConversionError, match="missing variable 'batch_stats/block3/bn/var'"):
-        convert.linen_to_nnx(linen)
-    seednet = nnx.eval_shape(lambda: convert.nnx_module("seednet"))  # its shapes suffice
-    with pytest.raises(convert.ConversionError, match="unexpected variable 'params/conv1/bias' for net"):
-        convert.nnx_to_linen(seednet, "net")

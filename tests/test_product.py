@@ -1,8 +1,15 @@
-"""predict and evaluate: MNIST-style preprocessing, the commands, their errors, the pictures."""
+"""predict and evaluate: MNIST-style preprocessing, the commands, their errors, the pictures, and
+the workdirs of both frameworks and of each recipe.
+
+The workdirs are trained once per module on the tiny IDX source (`tiny_runs`); only the tests of
+how well a model reads real digits train on real MNIST (`realdata`).
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,9 +20,61 @@ from flax_impl import evaluate, predict
 from flax_impl import train as flax_train
 from flax_impl.common.config import Config, recipe_config
 from flax_impl.common.data import load_mnist
-from tests.conftest import synthetic_mnist
+from flax_impl.common.workdir import create_workdir
+from tests.conftest import (
+    SHAPE_BATCH_SIZE,
+    SHAPE_EPOCHS,
+    SHAPE_STEPS_PER_CALL,
+    TINY_TEST,
+    messages,
+)
+from torch_ref import train as torch_train
 
-pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_idx_source, tmp_path_factory) -> dict[str, tuple]:
+    """(workdir, the metrics its training returned) of: Flax's suite run ("flax"), Flax's fast
+    recipe ("flax-fast") and torch's tinynet recipe ("torch-tinynet"), on the tiny source."""
+    shape = {"data_source": tiny_idx_source, "batch_size": SHAPE_BATCH_SIZE}
+    runs = {}
+    for name, trainer, config in (
+            ("flax", flax_train, Config(epochs=SHAPE_EPOCHS, **shape)),
+            ("flax-fast", flax_train, recipe_config("fast", epochs=1, **shape)),
+            ("torch-tinynet", torch_train, recipe_config("tinynet", epochs=1, **shape))):
+        workdir = tmp_path_factory.mktemp(name) / "run"
+        kwargs = {"steps_per_call": SHAPE_STEPS_PER_CALL} if trainer is flax_train else {}
+        runs[name] = workdir, trainer.train(config, workdir, **kwargs)
+    return runs
+
+
+def test_mnist_style_preprocessing_inverts_crops_fits_and_centres():
+    image = Image.new("RGB", (300, 200), (255, 255, 255))
+    image.paste((0, 0, 0), (20, 30, 60, 190))  # a dark bar 40 wide, 160 high, near the left
+    digit = predict.mnist_style(image)
+    assert digit.shape == (28, 28) and digit.dtype == np.uint8
+    assert digit[0, 0] == 0 and digit.max() > 200  # white on black
+    rows, cols = np.nonzero(digit > 50)
+    assert rows.max() - rows.min() + 1 <= 21 and cols.max() - cols.min() + 1 <= 8
+    grid_rows, grid_cols = np.indices(digit.shape)
+    mass = digit.astype(float).sum()
+    assert abs((grid_rows * digit).sum() / mass - 13.5) <= 1.0
+    assert abs((grid_cols * digit).sum() / mass - 13.5) <= 1.0
+
+
+def test_predict_prints_each_images_likeliest_digits_with_their_probabilities(
+        tiny_runs, tmp_path, capsys):
+    workdir, _ = tiny_runs["flax"]
+    paths = [tmp_path / f"digit{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):
+        Image.fromarray(digit_like_mnist()[::1 + i]).save(path)
+    assert predict.main(["--workdir", str(workdir), "--top", "3", *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == list(map(str, paths))
+    for line in lines:
+        shown = re.findall(r"(\d) \((\d+\.\d)%\)", line.split(": ")[1])
+        digits, percents = [d for d, _ in shown], [float(p) for _, p in shown]
+        assert len(set(digits)) == 3 and percents == sorted(percents, reverse=True)
+        assert sum(percents) <= 100.2
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +85,7 @@ def real_mnist():
 
 
 @pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
+def real_trained(tmp_path_factory):
     """Net after one short epoch on real MNIST (about 97 % test accuracy)."""
     workdir = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as patch:
@@ -44,86 +103,76 @@ def dark_on_light_photo(digit: np.ndarray, path) -> None:
     canvas.save(path)
 
 
-def test_mnist_style_preprocessing_inverts_crops_fits_and_centres():
-    image = Image.new("RGB", (300, 200), (255, 255, 255))
-    image.paste((0, 0, 0), (20, 30, 60, 190))  # a dark bar 40 wide, 160 high, near the left
-    digit = predict.mnist_style(image)
-    assert digit.shape == (28, 28) and digit.dtype == np.uint8
-    assert digit[0, 0] == 0 and digit.max() > 200  # white on black
-    rows, cols = np.nonzero(digit > 50)
-    assert rows.max() - rows.min() + 1 <= 21 and cols.max() - cols.min() + 1 <= 8
-    grid_rows, grid_cols = np.indices(digit.shape)
-    mass = digit.astype(float).sum()
-    assert abs((grid_rows * digit).sum() / mass - 13.5) <= 1.0
-    assert abs((grid_cols * digit).sum() / mass - 13.5) <= 1.0
-
-
+@pytest.mark.slow
 @pytest.mark.realdata
-def test_predict_prints_the_digit_and_its_probability(trained_workdir, real_mnist, tmp_path,
-                                                      capsys):
+def test_predict_reads_real_digits(real_trained, real_mnist, tmp_path, capsys):
     paths = []
     for i in range(10):
         paths.append(tmp_path / f"digit{i}_{real_mnist.test_labels[i]}.png")
         Image.fromarray(real_mnist.test_images[i]).save(paths[-1])
-    assert predict.main(["--workdir", str(trained_workdir), "--top", "3",
-                         *map(str, paths)]) == 0
+    assert predict.main(["--workdir", str(real_trained), *map(str, paths)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 10
-    assert all(line.count("%)") == 3 for line in lines)
     right = sum(line.split(": ")[1].startswith(path.stem[-1]) for line, path in
                 zip(lines, paths, strict=True))
     assert right >= 8
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
-def test_predict_handles_photos_of_dark_digits_on_light_paper(trained_workdir, real_mnist,
-                                                              tmp_path, capsys):
-    right = 0
-    for i in range(5):
-        path = tmp_path / f"photo{i}.jpg"
+def test_predict_reads_photos_of_dark_digits_on_light_paper(real_trained, real_mnist,
+                                                            tmp_path, capsys):
+    paths = [tmp_path / f"photo{i}.jpg" for i in range(5)]
+    for i, path in enumerate(paths):
         dark_on_light_photo(real_mnist.test_images[i], path)
-        assert predict.main(["--workdir", str(trained_workdir), str(path)]) == 0
-        right += capsys.readouterr().out.startswith(f"{path}: {real_mnist.test_labels[i]} (")
+    assert predict.main(["--workdir", str(real_trained), *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    right = sum(line.startswith(f"{path}: {label} (") for line, path, label in
+                zip(lines, paths, real_mnist.test_labels[:5], strict=True))
     assert right >= 4
 
 
 @pytest.mark.parametrize("damage, message", [("text", "not an image"),
                                              ("truncated", "unreadable image")])
-def test_bad_images_are_one_line_errors(trained_workdir, tmp_path, capsys, damage, message):
+def test_bad_images_are_one_line_errors_before_any_model_loads(tmp_path, capsys, damage,
+                                                               message):
     path = tmp_path / "bad.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(path)
     path.write_bytes(b"hello" if damage == "text" else path.read_bytes()[:200])
-    assert predict.main(["--workdir", str(trained_workdir), str(path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert predict.main(["--workdir", str(tmp_path / "no_workdir"), str(path)]) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith(f"error: {path}: {message}")
 
 
-def test_missing_workdir_or_checkpoint_is_one_line_error(tmp_path, capsys, trained_workdir):
+def test_a_missing_workdir_or_checkpoint_is_one_line_and_reading_creates_nothing(tmp_path,
+                                                                                 capsys):
     image = tmp_path / "x.png"
-    Image.fromarray(synthetic_mnist(0, 1).test_images[0]).save(image)
+    Image.fromarray(digit_like_mnist()).save(image)
     assert predict.main(["--workdir", str(tmp_path / "nope"), str(image)]) == 2
-    assert "no such directory" in capsys.readouterr().err
+    assert messages(capsys.readouterr().err) == [
+        f"error: --workdir {tmp_path / 'nope'}: no such directory; train with `python -m "
+        f"flax_impl.train --workdir {tmp_path / 'nope'}` first"]
+    assert not (tmp_path / "nope").exists()
     empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "config.json").write_text((trained_workdir / "config.json").read_text())
+    create_workdir(empty, Config(), "flax")  # a run's config.json, no checkpoint yet
     assert evaluate.main(["--workdir", str(empty)]) == 2
-    assert "no checkpoint in" in capsys.readouterr().err
+    assert messages(capsys.readouterr().err) == [
+        f"error: no checkpoint in {empty / 'checkpoints'}"]
     assert sorted(p.name for p in empty.iterdir()) == ["config.json"]  # reading created nothing
 
 
-@pytest.mark.realdata
-def test_evaluate_reports_accuracy_and_draws_the_pictures(trained_workdir, real_mnist, tmp_path,
-                                                          capsys):
-    before = sorted(str(p) for p in trained_workdir.rglob("*"))
-    assert evaluate.main(["--workdir", str(trained_workdir), "--out", str(tmp_path)]) == 0
-    assert sorted(str(p) for p in trained_workdir.rglob("*")) == before  # read, not written
+def test_evaluate_scores_as_the_training_did_and_draws_the_pictures(tiny_runs, tmp_path,
+                                                                    capsys):
+    workdir, history = tiny_runs["flax"]
+    before = {str(p): p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    assert evaluate.main(["--workdir", str(workdir), "--out", str(tmp_path)]) == 0
+    assert {str(p): p.stat().st_mtime_ns for p in workdir.rglob("*")} == before  # read only
     out = capsys.readouterr().out
-    correct = int(out.split("Test accuracy: ")[1].split("/")[0])
-    assert correct > 9000 and "/10000 (" in out and "Per class: 0: " in out
+    correct = round(history[-1]["test_accuracy"] * TINY_TEST)
+    assert f"Test accuracy: {correct}/{TINY_TEST} (" in out
+    assert re.search(r"Per class: 0: [\d.]+%, 1: .*, 9: [\d.]+%", out)
     for name in ("confusion.png", "errors.png"):
         with Image.open(tmp_path / name) as picture:
-            assert picture.size[0] > 300
-    assert (trained_workdir / "curves.png").is_file()
+            assert picture.format == "PNG" and picture.size[0] > 300
 
 
 def test_confusion_matrix_counts_true_by_predicted():
@@ -131,53 +180,41 @@ def test_confusion_matrix_counts_true_by_predicted():
     np.testing.assert_array_equal(counts, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
 
 
-@pytest.mark.realdata
-def test_a_torch_workdir_is_evaluated_through_the_weight_conversion(real_mnist, tmp_path,
-                                                                    capsys):
+def evaluated(workdir, capsys) -> int:
+    """The test accuracy `python -m compare.evaluate` prints for `workdir` (the correct count)."""
+    assert compare_evaluate.main(["--workdir", str(workdir), "--out", str(workdir)]) == 0
+    return int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
+
+
+@pytest.mark.parametrize("name, recipe, model", [("flax-fast", "fast", "widenet"),
+                                                 ("torch-tinynet", "tinynet", "tinynet")])
+def test_a_recipes_workdir_records_its_network_and_is_evaluated_as_its_training_scored_it(
+        name, recipe, model, tiny_runs, tmp_path, capsys):
+    workdir = shutil.copytree(tiny_runs[name][0], tmp_path / "run")
+    recorded = json.loads((workdir / "config.json").read_text())
+    assert (recorded["recipe"], recorded["model"]) == (recipe, model)
+    assert evaluated(workdir, capsys) == round(tiny_runs[name][1][-1]["test_accuracy"]
+                                               * TINY_TEST)
+
+
+def test_a_torch_workdir_is_evaluated_through_the_weight_conversion_only(tiny_runs, tmp_path,
+                                                                         capsys):
     import torch
 
-    from torch_ref import train as torch_train
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MNIST20K_CACHE", raising=False)
-        history = torch_train.train(Config(epochs=1, train_examples=6_400), tmp_path)
-    capsys.readouterr()
+    workdir = shutil.copytree(tiny_runs["torch-tinynet"][0], tmp_path / "run")
     # The port reads no torch file itself: it names the command that converts the weights.
-    assert evaluate.main(["--workdir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "holds a torch run" in err and "compare.evaluate" in err and len(err.splitlines()) == 1
-    assert compare_evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
-    correct = int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
-    assert correct == round(history[-1]["test_accuracy"] * 10_000)  # as torch scored it
+    assert evaluate.main(["--workdir", str(workdir)]) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and "holds a torch run" in said[0] and "compare.evaluate" in said[0]
+    correct = evaluated(workdir, capsys)
     # Without model.pt (an unfinished run) the latest checkpoint's weights are used.
-    (tmp_path / "model.pt").unlink()
-    assert compare_evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
-    assert f"Test accuracy: {correct}/10000" in capsys.readouterr().out
-    torch.save({"not": "a checkpoint"}, tmp_path / "checkpoint.pt")
-    assert compare_evaluate.main(["--workdir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "checkpoint.pt is corrupt or not a torch_ref.train file" in err
-    assert len(err.splitlines()) == 1
-
-
-@pytest.mark.realdata
-@pytest.mark.parametrize("framework", ["flax", "torch"])
-@pytest.mark.parametrize("recipe, model", [("tinynet", "tinynet"), ("fast", "widenet")])
-def test_a_recipes_workdir_records_its_network_and_is_evaluated_as_its_training_scored_it(
-        framework, recipe, model, real_mnist, tmp_path, capsys):
-    from torch_ref import train as torch_train
-
-    trainer = flax_train if framework == "flax" else torch_train
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MNIST20K_CACHE", raising=False)
-        history = trainer.train(recipe_config(recipe, epochs=1, train_examples=3_200),
-                                tmp_path)
-    capsys.readouterr()
-    recorded = json.loads((tmp_path / "config.json").read_text())
-    assert (recorded["recipe"], recorded["model"]) == (recipe, model)
-    assert compare_evaluate.main(["--workdir", str(tmp_path), "--out", str(tmp_path)]) == 0
-    correct = int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
-    assert correct == round(history[-1]["test_accuracy"] * 10_000)
+    (workdir / "model.pt").unlink()
+    assert evaluated(workdir, capsys) == correct
+    torch.save({"not": "a checkpoint"}, workdir / "checkpoint.pt")
+    assert compare_evaluate.main(["--workdir", str(workdir)]) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and said[0].startswith(
+        f"error: {workdir / 'checkpoint.pt'} is corrupt or not a torch_ref.train file")
 
 
 def digit_like_mnist() -> np.ndarray:
@@ -241,4 +278,4 @@ def test_an_oversized_image_is_refused_in_one_line_before_decoding(tmp_path, mon
 def test_a_missing_image_is_reported_before_the_model_loads(tmp_path, capsys):
     # No workdir exists at all: the image is checked first, so its error is the one reported.
     assert predict.main(["--workdir", str(tmp_path / "nowhere"), str(tmp_path / "x.png")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'x.png'}: no such file"
+    assert messages(capsys.readouterr().err) == [f"error: {tmp_path / 'x.png'}: no such file"]

@@ -1,4 +1,5 @@
-"""torch_ref: shapes, per-layer counts equal Flax's, the step learns, short runs, rotation."""
+"""torch_ref: shapes, per-layer counts equal Flax's, the step learns, a short run's workdir, the
+rotation, the device. (Its resume: tests/test_faults.py; several ranks: test_distributed.py.)"""
 
 from __future__ import annotations
 
@@ -10,26 +11,27 @@ import torch
 
 from compare.params import parameter_table
 from flax_impl.common.config import Config
+from flax_impl.common.data import load_mnist
+from flax_impl.common.models import MODELS
 from flax_impl.common.workdir import read_metrics
-from tests.conftest import crash_in_epoch, synthetic_mnist
+from tests.conftest import SHAPE_BATCH_SIZE, messages, synthetic_mnist
 from torch_ref import core as torch_core
 from torch_ref import train as torch_train
 from torch_ref.augment import rotate
-from torch_ref.model import Net, SeedNet, create_model
+from torch_ref.model import Net, create_model
 
 
-@pytest.mark.parametrize("model_class", [Net, SeedNet])
-def test_output_is_log_probabilities_of_shape_b_by_10(model_class):
-    log_probs = model_class().eval()(torch.randn(5, 1, 28, 28))
+def test_output_is_log_probabilities_of_shape_b_by_10():
+    log_probs = Net().eval()(torch.randn(5, 1, 28, 28))
     assert log_probs.shape == (5, 10)
     torch.testing.assert_close(log_probs.exp().sum(1), torch.ones(5))
 
 
-@pytest.mark.parametrize("model", ["net", "tinynet", "widenet", "seednet"])
-def test_per_layer_parameter_counts_equal_the_flax_models(model):
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_per_layer_parameter_counts_equal_the_flax_models_and_keep_the_budget(model):
     table = parameter_table(model)
     assert table["match"], [row for row in table["rows"] if not row["match"]]
-    assert table["ok"]  # and under its budget, if it has one
+    assert table["torch_total"] < MODELS[model].budget
     assert table["torch_total"] == sum(p.numel() for p in create_model(model).parameters())
 
 
@@ -47,30 +49,17 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_short_run_writes_its_workdir(tiny_idx_source, tmp_path, capsys):
-    config = Config(data_source=tiny_idx_source, epochs=2, batch_size=64, eval_batch_size=100)
+    config = Config(data_source=tiny_idx_source, epochs=2, batch_size=SHAPE_BATCH_SIZE)
     history = torch_train.train(config, tmp_path)
     assert capsys.readouterr().out.count("Test set: Average loss: ") == 2
     metrics = read_metrics(tmp_path / "metrics.jsonl")
-    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics == history and [m["epoch"] for m in metrics] == [1, 2]
     assert set(metrics[0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"}
-    assert metrics[-1]["test_accuracy"] == history[-1]["test_accuracy"] > 0.5
+    assert metrics[-1]["test_accuracy"] > 0.5
     assert json.loads((tmp_path / "config.json").read_text())["framework"] == "torch"
-    state_dict = torch.load(tmp_path / "model.pt")
-    Net().load_state_dict(state_dict)
-
-
-@pytest.mark.slow
-def test_resume_ends_where_an_uninterrupted_run_ends(tiny_idx_source, tmp_path, monkeypatch):
-    config = Config(data_source=tiny_idx_source, epochs=3, batch_size=64, eval_batch_size=100)
-    straight = torch_train.train(config, tmp_path / "straight")
-    with monkeypatch.context() as patch:
-        crash_in_epoch(patch, torch_train, 3)
-        with pytest.raises(KeyboardInterrupt):
-            torch_train.train(config, tmp_path / "interrupted")
-    torch.manual_seed(1234)  # the global RNG must come back from the checkpoint, not from here
-    resumed = torch_train.train(config, tmp_path / "interrupted", resume=True)
-    for key in ("train_loss", "test_loss", "test_accuracy"):
-        assert resumed[-1][key] == straight[-1][key]
+    model = create_model("net")
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "curves.png").is_file()
 
 
 def test_rotation_by_90_degrees_is_a_counter_clockwise_quarter_turn():
@@ -96,16 +85,25 @@ def test_rotation_by_a_small_angle_moves_a_point_where_geometry_says():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_a_gpu_is_one_line_error(tiny_idx_source, capsys):
     assert torch_train.main(["--data-source", tiny_idx_source, "--device", "cuda"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "error: --device cuda: torch sees no CUDA device here; use --device cpu"
+    assert messages(capsys.readouterr().err) == [
+        "error: --device cuda: torch sees no CUDA device here; use --device cpu"]
 
 
-def test_auto_device_is_the_cpu_here_and_the_run_lives_on_it(tiny_idx_source, capsys):
-    from flax_impl.common.data import load_mnist
-    from torch_ref.setup import setup_training
+def test_auto_device_is_cuda_where_torch_sees_a_gpu_and_else_the_cpu_the_run_lives_on(
+        tiny_idx_source, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU
+    assert torch_train.resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # one without
+    run = torch_train.create_run(Config(data_source=tiny_idx_source, batch_size=SHAPE_BATCH_SIZE),
+                                 load_mnist(tiny_idx_source))
+    assert run.device == torch.device("cpu")
+    assert {t.device.type for t in (*run.train_data, *run.eval_data)} == {"cpu"}
+    assert {p.device.type for p in run.model.parameters()} == {"cpu"}
 
-    run = setup_training(Config(data_source=tiny_idx_source), load_mnist(tiny_idx_source))
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert run.device.type == expected
-    assert {t.device.type for t in (*run.train_data, *run.eval_data)} == {expected}
-    assert {p.device.type for p in run.model.parameters()} == {expected}
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_auto_device_runs_on_the_gpu_torch_sees(tiny_idx_source):
+    run = torch_train.create_run(Config(data_source=tiny_idx_source, batch_size=SHAPE_BATCH_SIZE),
+                                 load_mnist(tiny_idx_source))
+    assert {t.device.type for t in (*run.train_data, *run.eval_data)} == {"cuda"}
+    assert {p.device.type for p in run.model.parameters()} == {"cuda"}

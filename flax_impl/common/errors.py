@@ -63,6 +63,10 @@ def damaged_checkpoint(path, error: BaseException) -> WorkdirError:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(null)
+    if any(words in str(error) for words in ("not compatible with the stored shape",
+                                             "tree structures do not match")):
+        return WorkdirError(f"checkpoint {path} is not one of this run's: its arrays have other "
+                            f"shapes or names ({first_line(error)}); --overwrite to start afresh")
     return WorkdirError(f"checkpoint {path} is corrupt or partial ({first_line(error)}); "
                         f"delete it to use the previous one, or --overwrite")
 

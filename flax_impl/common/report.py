@@ -22,9 +22,11 @@ def eval_split(record: dict) -> str:
 def epoch_bar(epoch: int, epochs: int, steps: int, done: int = 0, disable: bool = False) -> tqdm:
     """The per-epoch progress bar, starting at `done` steps; `set_postfix_str` the running loss.
 
-    `disable`: a bar that shows nothing (the processes of a multi-process run but the first)."""
+    `disable`: a bar that shows nothing (the processes of a multi-process run but the first);
+    otherwise tqdm's own settings apply (TQDM_DISABLE=1 hides every bar)."""
     return tqdm(total=steps, initial=done, desc=f"Epoch {epoch}/{epochs}", unit="step",
-                leave=True, dynamic_ncols=True, mininterval=0.5, disable=disable)
+                leave=True, dynamic_ncols=True, mininterval=0.5,
+                **({"disable": True} if disable else {}))
 
 
 def evaluation_line(loss: float, correct: int, total: int, split: str = "test") -> str:

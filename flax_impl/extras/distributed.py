@@ -112,6 +112,9 @@ def initialize(cluster: Cluster) -> None:
     watchdog = threading.Timer(cluster.timeout, not_joined, args=(cluster.timeout,))
     watchdog.daemon = True
     watchdog.start()
+    # XLA's preemption notifier would take SIGTERM from the handlers of flax_impl.common.signals
+    # (installed before this): a SIGTERM would no longer stop the run at a checkpoint.
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(
             cluster.coordinator_address, cluster.num_processes, cluster.process_id,
