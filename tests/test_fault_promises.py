@@ -196,17 +196,23 @@ with SignalWatch("; kept"), stop_requests() as stop:
 """
 
 
-def start_busy() -> subprocess.Popen:
+@pytest.fixture
+def busy():
+    """A child process busy in one long XLA computation (killed however the test ends)."""
     process = subprocess.Popen([PYTHON, "-c", BUSY_CHILD], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert process.stdout.readline().strip() == "busy"
-    return process
+    try:
+        assert process.stdout.readline().strip() == "busy"
+        yield process
+    finally:
+        process.kill()
+        process.communicate()
 
 
 @pytest.mark.slow
-def test_a_second_signal_acts_at_once_while_a_jitted_computation_runs():
-    process = start_busy()
+def test_a_second_signal_acts_at_once_while_a_jitted_computation_runs(busy):
+    process = busy
     process.send_signal(signal.SIGINT)  # the first: a request to stop at the next chunk
     time.sleep(0.5)
     assert process.poll() is None
@@ -217,8 +223,8 @@ def test_a_second_signal_acts_at_once_while_a_jitted_computation_runs():
 
 
 @pytest.mark.slow
-def test_a_sigterm_right_after_a_sigint_is_not_lost():
-    process = start_busy()
+def test_a_sigterm_right_after_a_sigint_is_not_lost(busy):
+    process = busy
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
