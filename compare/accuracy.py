@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from compare.host import machine_line
-from flax_impl.common.config import RECIPES
+from flax_impl.common.config import RECIPES, OneLineParser
+from flax_impl.common.errors import WorkdirError
 from flax_impl.common.workdir import read_metrics
 
 FRAMEWORKS = {"flax": "flax_impl.train", "torch": "torch_ref.train"}
@@ -238,8 +239,8 @@ def plot(runs: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m compare.accuracy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m compare.accuracy", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=RECIPES, default="default",
                         help="the recipe whose runs are read (or trained with --run)")
     parser.add_argument("--results", type=Path, default=None,
@@ -266,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all("FAILED" not in line for line in lines) else 1
     if args.run:
         run_training(results, args.seeds, args.epochs, args.recipe)
-    runs = load_runs(results)
+    try:
+        runs = load_runs(results)
+    except WorkdirError as error:  # a malformed metrics file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     missing = [fw for fw, seeds in runs.items() if not seeds]
     if missing:
         print(f"error: no results for {', '.join(missing)} in {results}/<framework>/"

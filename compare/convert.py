@@ -21,6 +21,8 @@ key and shape is checked against the target model; anything wrong or missing is 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,3 +199,39 @@ def nnx_to_torch(module: nnx.Module, model: str = "net",
                  widths: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
     """An NNX module of `model` -> torch state_dict (loads with `load_state_dict(strict=True)`)."""
     return flax_to_torch(nnx_to_linen(module, model, widths), model, widths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: convert a saved model between the frameworks."""
+    import argparse
+    import sys
+
+    from flax_impl.common.config import OneLineParser
+
+    parser = OneLineParser(prog="python -m compare.convert", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="a torch state_dict (.pt, e.g. a "
+                        "torch_ref.train workdir's model.pt) or Flax variables (.npz)")
+    parser.add_argument("target", type=Path, help="where the other framework's file goes "
+                        "(.npz for Flax, .pt for torch)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="net")
+    args = parser.parse_args(argv)
+    try:
+        if args.source.suffix == ".pt":
+            state_dict = torch.load(args.source, map_location="cpu", weights_only=True)
+            variables = traverse_util.flatten_dict(torch_to_flax(state_dict, args.model), sep="/")
+            np.savez(args.target, **variables)
+        else:
+            with np.load(args.source) as saved:
+                flat = {tuple(key.split("/")): saved[key] for key in saved.files}
+            torch.save(flax_to_torch(traverse_util.unflatten_dict(flat), args.model), args.target)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"error: cannot convert {args.source}: {reason}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.target} ({args.model})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -291,3 +291,36 @@ def test_an_unresolvable_coordinator_is_one_line_and_exit_2():
     result = run("flax_impl.train", "--coordinator-address", "nohost.invalid:29518",
                  "--num-processes", "2", "--process-id", "0", env={"JAX_PLATFORMS": "cpu"})
     assert "cannot resolve" in one_line(result, 2)
+
+
+def test_accuracy_names_a_malformed_results_line_in_one_line(tmp_path, capsys):
+    from compare import accuracy
+
+    for framework in ("flax", "torch"):
+        (tmp_path / framework).mkdir()
+        (tmp_path / framework / "seed0.jsonl").write_text('{"epoch": 1,\n')
+    assert accuracy.main(["--results", str(tmp_path)]) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and "not a metrics file" in said[0]
+
+
+def test_convert_is_a_command_that_converts_both_ways(tmp_path, capsys):
+    import torch
+
+    from compare import convert
+
+    with pytest.raises(SystemExit):
+        convert.main(["--help"])
+    assert "torch" in capsys.readouterr().out
+    torch.manual_seed(0)
+    original = convert.torch_model("tinynet").state_dict()
+    torch.save(original, tmp_path / "model.pt")
+    assert convert.main([str(tmp_path / "model.pt"), str(tmp_path / "v.npz"), "--model",
+                         "tinynet"]) == 0
+    assert convert.main([str(tmp_path / "v.npz"), str(tmp_path / "back.pt"), "--model",
+                         "tinynet"]) == 0
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(torch.equal(back[k], v) for k, v in original.items()
+               if not k.endswith("num_batches_tracked"))
+    assert convert.main([str(tmp_path / "missing.pt"), str(tmp_path / "x.npz")]) == 2
+    assert len(messages(capsys.readouterr().err)) == 1
