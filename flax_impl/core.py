@@ -87,8 +87,7 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(key: jax.Array, model, tx: optax.GradientTransformation) -> TrainState:
-    """Initial parameters (torch's default initialisation), BatchNorm statistics and optimizer
-    state."""
+    """Initial parameters (torch's default initialisation), statistics and optimizer state."""
     variables = model.init(key, jnp.zeros((1, 28, 28, 1), jnp.float32))
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables["batch_stats"]

@@ -42,8 +42,8 @@ def to_inputs(images: jax.Array, augment: Callable | None = None) -> jax.Array:
 
 def batch_normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
     """`x` normalised with its batch statistics over all axes but the last (the biased variance,
-    as torch trains), then scaled and shifted: (normalised x, batch mean, unbiased batch variance,
-    what torch's running average keeps)."""
+    as torch trains), then scaled and shifted: (normalised x, batch mean, unbiased batch
+    variance: what torch's running average keeps)."""
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axes)
     var = jnp.square(x - mean).mean(axes)

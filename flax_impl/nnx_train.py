@@ -2,9 +2,9 @@
 
 `train_step(model, optimizer, batch, key)` is the step as NNX users write it: it updates the
 modules in place (`nnx.value_and_grad`, `optimizer.update`). `flax_impl.train` runs it as Flax's
-performance guide advises for small models: the modules split once (`nnx.split`), their state
-carried through `jax.jit` and `lax.scan` and merged inside (`functional_step`); the loop, the
-checkpoints and the evaluation are the linen port's.
+performance guide advises for small models: the modules' graph found once (`nnx.graphdef`),
+their state carried through `jax.jit` and `lax.scan` and merged inside (`functional_step`); the
+loop, the checkpoints and the evaluation are the linen port's.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def create_port(config: Config, tx: optax.GradientTransformation, kernels) -> Po
 
 def functional_step(graphdef: nnx.GraphDef, config: Config, rotate_fn: Callable = rotate):
     """`train_step` as a pure function of the modules' state: (state, batch, key) -> (state,
-    metrics), for `jax.jit` and `lax.scan`; `graphdef` is ``nnx.split`` of the trained modules."""
+    metrics), for `jax.jit` and `lax.scan`; `graphdef`: the graph of (model, optimizer)."""
 
     def step(state: nnx.State, batch, key: jax.Array):
         model, optimizer = nnx.merge(graphdef, state)

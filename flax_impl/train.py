@@ -97,6 +97,8 @@ def train(config: Config, workdir: Path | None = None, resume: bool = False,
           devices: list | None = None, kernels: str | Kernels = "auto") -> list[dict]:
     """Train `config` on `devices` (default: all, every process's) with `kernels`; print the
     seed-style log and return the per-epoch metrics. With a workdir, see `train_loop`."""
+    if resume and not workdir:
+        raise errors.ConfigError("--resume continues the run in --workdir: give --workdir")
     primary = distributed.is_primary()
     with printing(primary), workdirs.workdir_lock(workdir, primary) if workdir else nullcontext():
         if workdir:  # a refused workdir is said before the data loads (this only reads)
@@ -139,8 +141,8 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
     """Train from `state` (from the latest checkpoint if `resume`) to the last epoch; return the
     per-epoch metrics. An epoch runs `train_chunk` over the `steps` batches of its `plan`,
     `steps_per_call` at a time, then `evaluate`s, saves a checkpoint with `manager` and writes
-    metrics.jsonl and curves.png into `files`. A first SIGINT/SIGTERM saves a checkpoint at the next chunk and
-    raises TrainingStopped; a NaN/inf loss raises it at once, the last good checkpoint kept."""
+    metrics.jsonl and curves.png into `files`. A first SIGINT/SIGTERM saves a checkpoint at the
+    next chunk and stops (TrainingStopped); an exploded loss (`errors.exploded`) stops at once."""
     progress = Progress()
     if resume:
         state, progress = resume_point(manager, state, config.epochs * steps, steps)
@@ -198,8 +200,7 @@ def resume_point(manager: ocp.CheckpointManager, state, total: int, steps: int
 
 
 def stopped(signum: int | None, manager, progress: Progress) -> Exception:
-    """The TrainingStopped of a signal (SIGTERM for a process that got none itself) once the
-    checkpoint of `progress` is saved."""
+    """The TrainingStopped of a signal (a process that got none: SIGTERM's), once saved."""
     name = signal.Signals(signum or signal.SIGTERM).name
     at = f"at epoch {progress.epoch}, step {progress.step}" if progress.step else \
         f"after epoch {progress.epoch - 1}"

@@ -324,3 +324,29 @@ def test_convert_is_a_command_that_converts_both_ways(tmp_path, capsys):
                if not k.endswith("num_batches_tracked"))
     assert convert.main([str(tmp_path / "missing.pt"), str(tmp_path / "x.npz")]) == 2
     assert len(messages(capsys.readouterr().err)) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_started_with_other_flags_both_refuse_in_one_line():
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    common = ["-m", "flax_impl.train", "--epochs", "1", "--coordinator-address",
+              f"localhost:{port}", "--num-processes", "2", "--distributed-timeout", "60"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    processes = [subprocess.Popen([PYTHON, *common, "--process-id", str(index), *extra],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
+                 for index, extra in ((0, ["--dropout", "0.1"]), (1, []))]
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=120)
+            said = [line for line in messages(stderr) if not line.startswith("[Gloo]")]
+            assert process.returncode == 2, stderr[-2000:]
+            assert said == ["error: process 1 was started with other flags than process 0 "
+                            "(dropout): start every process with the same flags"]
+    finally:
+        for process in processes:
+            process.kill()

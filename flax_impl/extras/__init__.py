@@ -3,5 +3,6 @@ without them.
 
 - `kernels` and `fast/`: drop-in CPU kernels for the convolution, max-pool and rotation, equal to
   the stock operations in value and gradient, chosen by `--kernels` (on the CPU by default);
+- `compile_cache`: JAX's persistent compilation cache for the commands;
 - `distributed`: training over several processes with `jax.distributed`.
 """
