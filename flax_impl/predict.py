@@ -37,9 +37,10 @@ def restore_variables(workdir: str | Path) -> dict:
     if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
         raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
     port = create_port(config, 1, STOCK)
+    # A concrete initial state on the first device as the target (Orbax before 0.12 cannot
+    # restore the NNX dropout stream's typed key into a ShapeDtypeStruct).
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-                          jax.eval_shape(port.init, jax.random.key(0)))
+    target = jax.jit(port.init, out_shardings=device)(jax.random.key(0))
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                            save_interval_steps=0, enable_async_checkpointing=False)
     with ocp.CheckpointManager((Path(workdir) / CHECKPOINT_DIR).absolute(),
