@@ -354,10 +354,16 @@ def torch_story(tiny_idx_source, tmp_path_factory) -> dict:
     with killed_at_exit() as started:
         story = torch_stages(flags, hooks, port, started)
     story["workdir"] = root / "two"
-    story["resumed"] = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-         str(free_port()), "-m", "torch_ref.train", *flags, "--resume"], cwd=ROOT,
-        capture_output=True, text=True, timeout=300)
+    for _ in range(2):
+        story["resumed"] = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-port", str(free_port()), "-m", "torch_ref.train", *flags, "--resume"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        # Once in several runs on this 2-core VM, under the suite's load, a rank of the resumed
+        # run aborted inside torch's gloo start-up (exit -6) before it trained: not this test's
+        # subject, so that one start is tried again (once).
+        if "(exitcode: -6)" not in story["resumed"].stderr:
+            break
     one = root / "one"
     assert torch_train.main([*flags[:-1], str(one)]) == 0
     story["one"] = epochs_of(one)
