@@ -8,7 +8,6 @@ the gradients). `train_loop` runs the epochs: train steps, an evaluation, a chec
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 from flax_impl.common import errors
 from flax_impl.common import workdir as workdirs
 from flax_impl.common.atomic import atomic_write
-from flax_impl.common.config import Config, build_parser, check_same_flags, config_from_args
+from flax_impl.common.config import Config, build_parser, check_same_flags, config_from_args, flags_record
 from flax_impl.common.data import Mnist, load_mnist
 from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
 from flax_impl.common.signals import SignalWatch
@@ -269,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{args.distributed_timeout}")
         group = distributed.join_from_env(resolve_device(args.device), args.distributed_timeout)
         with errors.peers_watched(group.name):
-            check_same_flags(group.gather({**{k: str(v) for k, v in vars(args).items()},
-                                           **json.loads(config.to_json())}))
+            check_same_flags(group.gather(flags_record(config, args)))
             train(config, args.workdir, args.resume, args.overwrite, args.device, group)
 
     with SignalWatch("; the last epoch's checkpoint is kept: continue with --resume"):

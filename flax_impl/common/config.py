@@ -255,6 +255,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return validate(recipe_config(args.recipe, **given))
 
 
+def flags_record(config: Config, args: argparse.Namespace, own: tuple[str, ...] = ()) -> dict:
+    """What the processes of a run must agree on: the config's fields and every flag given, as
+    JSON values, but the process's `own` flags (its --process-id)."""
+    flags = {k: str(v) for k, v in vars(args).items() if k not in own}
+    return {**flags, **json.loads(config.to_json())}
+
+
 def check_same_flags(records: list[dict]) -> None:
     """ConfigError unless every process of a run (its `records`, in process order: the config's
     fields and the framework's own flags) was started with the same flags."""

@@ -153,8 +153,7 @@ def check_same_flags(run_config: config.Config, args: argparse.Namespace) -> Non
     flags, --process-id aside: a collective."""
     if jax.process_count() == 1:
         return
-    record = {**{k: str(v) for k, v in vars(args).items() if k != "process_id"},
-              **json.loads(run_config.to_json())}
+    record = config.flags_record(run_config, args, own=("process_id",))
     text = json.dumps(record, sort_keys=True).encode()
     size = int(np.max(multihost_utils.process_allgather(np.int32(len(text)))))
     padded = np.frombuffer(text.ljust(size, b" "), np.uint8)
