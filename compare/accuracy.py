@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 from compare.host import machine_line
+from flax_impl.common.atomic import write_output
 from flax_impl.common.config import RECIPES, OneLineParser
-from flax_impl.common.errors import WorkdirError
+from flax_impl.common.errors import ConfigError, WorkdirError, first_line
 from flax_impl.common.workdir import read_metrics
 
 FRAMEWORKS = {"flax": "flax_impl.train", "torch": "torch_ref.train"}
@@ -49,8 +50,22 @@ def load_runs(results: Path) -> dict[str, dict[int, list[dict]]]:
     runs = {}
     for framework in FRAMEWORKS:
         files = sorted((results / framework).glob("seed*.jsonl"))
-        runs[framework] = {int(f.stem.removeprefix("seed")): read_metrics(f) for f in files}
+        runs[framework] = {int(f.stem.removeprefix("seed")): checked_runs(f) for f in files
+                           if f.stem.removeprefix("seed").isdigit()}
     return runs
+
+
+def checked_runs(path: Path) -> list[dict]:
+    """The records of a training's metrics file, each with the numbers this command reads
+    (WorkdirError naming the first that lacks one)."""
+    records = read_metrics(path)
+    for number, record in enumerate(records, start=1):
+        for key in ("epoch", "test_accuracy", "test_loss", "seconds"):
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise WorkdirError(f"{path}: line {number} has no number {key!r} (it has "
+                                   f"{value!r}); use the metrics.jsonl a training wrote")
+    return records
 
 
 def run_training(results: Path, seeds: list[int], epochs: int | None,
@@ -233,7 +248,7 @@ def plot(runs: dict, path: Path) -> None:
     accuracy_axis.legend()
     loss_axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    write_output(path, lambda file: figure.savefig(file, dpi=100, format="png"))
     plt.close(figure)
 
 
@@ -280,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     text, ok = summary(runs)
     print(text)
     png = args.png or results / "accuracy.png"
-    plot(runs, png)
+    try:
+        plot(runs, png)
+    except (ConfigError, OSError) as error:
+        print(f"error: cannot write {png}: {first_line(error)}", file=sys.stderr)
+        return 2
     print(f"Wrote {png}\n")
     # Every recipe's runs, beside each other (with --results: that folder's recipe alone).
     recipes = {args.recipe: results} if args.results else {

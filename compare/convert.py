@@ -204,9 +204,12 @@ def nnx_to_torch(module: nnx.Module, model: str = "net",
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: convert a saved model between the frameworks."""
     import argparse
+    import functools
     import sys
 
+    from flax_impl.common.atomic import write_output
     from flax_impl.common.config import OneLineParser
+    from flax_impl.common.errors import ConfigError
 
     parser = OneLineParser(prog="python -m compare.convert", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,11 +223,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.source.suffix == ".pt":
             state_dict = torch.load(args.source, map_location="cpu", weights_only=True)
             variables = traverse_util.flatten_dict(torch_to_flax(state_dict, args.model), sep="/")
-            np.savez(args.target, **variables)
+            write = functools.partial(np.savez, **variables)  # to a file: no ".npz" appended
         else:
             with np.load(args.source) as saved:
                 flat = {tuple(key.split("/")): saved[key] for key in saved.files}
-            torch.save(flax_to_torch(traverse_util.unflatten_dict(flat), args.model), args.target)
+            state_dict = flax_to_torch(traverse_util.unflatten_dict(flat), args.model)
+            write = functools.partial(torch.save, state_dict)
+        write_output(args.target, write, inputs=[args.source])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         print(f"error: cannot convert {args.source}: {reason}", file=sys.stderr)

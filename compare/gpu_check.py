@@ -49,6 +49,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from compare.accuracy import TARGET, first_epoch_at_target, seconds_to_target
+from flax_impl.common.atomic import write_output
+from flax_impl.common.config import OneLineParser
 from flax_impl.common.data import CACHE_FILE, cache_dir
 from flax_impl.common.errors import WorkdirError
 from flax_impl.common.workdir import read_metrics, workdir_record
@@ -491,7 +493,12 @@ def run_steps(steps: list[Step], quick: bool, data_source: str, out: Path, work:
             if step.result:
                 summary["steps"][step.name]["result"] = read_result(
                     Path(step.result.format(**fill)))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / "summary.json", summary)
+
+
+def write_json(path: Path, record) -> None:
+    """`record` as indented JSON in `path`, through a temporary file and a rename."""
+    write_output(path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
 def child_main(args: argparse.Namespace, rest: list[str]) -> int:
@@ -499,7 +506,7 @@ def child_main(args: argparse.Namespace, rest: list[str]) -> int:
     if args.peak_json:
         found = measure_peak(args.peak_size)
         print(json.dumps(found, indent=2))
-        args.peak_json.write_text(json.dumps(found) + "\n")
+        write_json(args.peak_json, found)
         return 0
     from flax_impl.common.config import build_parser, config_from_args
 
@@ -511,14 +518,14 @@ def child_main(args: argparse.Namespace, rest: list[str]) -> int:
                            train_args.steps_per_call, train_args.kernels,
                            float(spawned) if spawned else None)
     print(json.dumps({k: v for k, v in timed.items() if k != "history"}, indent=2))
-    args.phases_json.write_text(json.dumps(timed) + "\n")
+    write_json(args.phases_json, timed)
     return 0
 
 
 def main(argv: list[str] | None = None, steps: tuple[Step, ...] | None = None) -> int:
     """Command-line entry point; `steps`: the steps to choose from (default: STEPS)."""
     steps = STEPS if steps is None else steps
-    parser = argparse.ArgumentParser(prog="python -m compare.gpu_check", description=__doc__,
+    parser = OneLineParser(prog="python -m compare.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)  # the phases step passes on the rest
     parser.add_argument("--out", type=Path, help="where the files go (default: "
@@ -564,7 +571,7 @@ def main(argv: list[str] | None = None, steps: tuple[Step, ...] | None = None) -
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = derived(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     print("\n".join(lines))
     failed = [n for n, step in summary["steps"].items() if step["exit"] != 0]
     print(f"wrote {out}; " + (f"failed or skipped: {', '.join(failed)}" if failed

@@ -10,7 +10,6 @@ status 0 only when every layer matches and each network with a budget in the mod
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -18,6 +17,7 @@ import sys
 from flax import nnx, traverse_util
 
 from compare.convert import MODEL_NAMES, flax_shapes, nnx_module, torch_model, torch_name
+from flax_impl.common.config import OneLineParser
 from flax_impl.common.models import MODELS, PARAMETER_LIMIT, SEEDNET_WIDTHS, parse_widths
 
 
@@ -108,10 +108,10 @@ def format_table(table: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m compare.params", description=__doc__)
+    parser = OneLineParser(prog="python -m compare.params", description=__doc__)
     parser.add_argument("--model", choices=(*MODEL_NAMES, "all"), default="net")
-    parser.add_argument("--widths", type=parse_widths, default=None, metavar="W1,...,W6",
-                        help="count --model at these six widths instead of its own")
+    parser.add_argument("--widths", type=parse_widths, default=None, metavar="W1,W2,...",
+                        help="count --model at these widths (one per conv block) instead of its own")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.widths is not None and args.model == "all":
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     models = MODEL_NAMES if args.model == "all" else (args.model,)
     try:
         tables = [parameter_table(model, args.widths) for model in models]
-    except ValueError as error:  # widths that are not six positive integers
+    except ValueError as error:  # widths that do not fit the model's layout
         parser.error(str(error))
     if args.json:
         print(json.dumps(tables if args.model == "all" else tables[0], indent=2))

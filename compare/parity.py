@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import pickle
 import sys
 from collections.abc import Callable
@@ -40,8 +41,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from compare.convert import (
     ConversionError,
@@ -58,9 +57,10 @@ from compare.convert import (
 from flax_impl import core as flax_core
 from flax_impl import nnx_train
 from flax_impl.augment import rotate as flax_rotate
-from flax_impl.common.config import Config
+from flax_impl.common.config import Config, OneLineParser
 from flax_impl.common.data import Mnist, load_mnist
 from flax_impl.common.errors import ConfigError, DataError
+from flax_impl.common.models import MODELS, conv_layers
 from flax_impl.extras import fast
 from flax_impl.model import to_inputs as flax_to_inputs
 from torch_ref import core as torch_core
@@ -70,6 +70,12 @@ from torch_ref.train import DEVICES, resolve_device
 
 BATCH = 128
 CPU = torch.device("cpu")
+# Outputs (log-probabilities) of the same weights through two frameworks' float32 kernels, which
+# sum in other orders: each layer's sums of up to a few hundred products round by about 1e-7
+# relative, through the network's seven layers; log-probabilities of trained networks reach
+# tens. About 5e-7 on the CPUs (AVX-512 and AVX2) and 1e-6 on GPUs with TF32 off: 1e-5 bounds
+# them, and a wrong layer (a transposed kernel, a biased variance) shows at 1e-2 or more.
+EVAL_TOLERANCE = 1e-5
 NO_NOISE = Config(max_rotation=0.0, dropout=0.0)  # the recipe without randomness
 # What float64 proves, each about ten times what it agrees to on the CPU (`python -m
 # compare.parity` prints the errors): one gradient from the same inputs, float64's own rounding
@@ -223,13 +229,28 @@ def nnx_train_pass(module: nnx.Module, inputs, labels, name: str = "net"):
     return nnx.to_pure_dict(grads), out, nnx_to_linen(module, name)["batch_stats"]
 
 
-def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict) -> tuple[str, float]:
-    """The parameter whose gradients differ most, as ||flax - torch|| / ||torch||."""
+def vanishing_gradients(name: str) -> set[str]:
+    """The torch names of model `name`'s parameters whose gradient is 0 in exact arithmetic: the
+    BatchNorm scale of a block whose every channel feeds one channel of a depthwise block (max-
+    pools and ReLUs between keep its scale), whose BatchNorm undoes any scale. Computed, each
+    framework gets rounding noise there, whose relative difference means nothing."""
+    if name not in MODELS:
+        return set()
+    spec = MODELS[name]
+    blocks = [layer for layer in conv_layers(spec.layout, spec.widths) if layer != "M"]
+    return {f"{block.name}.bn.weight" for block, after in itertools.pairwise(blocks)
+            if after.groups > 1}
+
+
+def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict,
+                                  skip: set[str] = frozenset()) -> tuple[str, float]:
+    """The parameter whose gradients differ most, as ||flax - torch|| / ||torch||, but for the
+    parameters named in `skip`."""
     def norm(x):
         return float(np.linalg.norm(np.asarray(x, np.float64)))
 
     errors = {k: norm(np.asarray(flax_grads[k], np.float64) - g) / max(norm(g), 1e-30)
-              for k, g in torch_grads.items()}
+              for k, g in torch_grads.items() if k not in skip}
     worst = max(errors, key=errors.get)
     return worst, errors[worst]
 
@@ -242,13 +263,15 @@ def check_train_mode(data: Mnist, device: torch.device = CPU, name: str = "net",
         data, np.float32, device, name, api)
     stats = max(max_abs(torch_state[k], flax_state[k]) for k in torch_state
                 if k.endswith(("running_mean", "running_var")))
-    worst32, error32 = worst_relative_gradient_error(torch_grads, flax_grads)
+    noise = vanishing_gradients(name)
+    worst32, error32 = worst_relative_gradient_error(torch_grads, flax_grads, noise)
     *_, torch_grads64, flax_grads64 = train_mode_pass(data, np.float64, device, name, api)
-    worst64, error64 = worst_relative_gradient_error(torch_grads64, flax_grads64)
-    torch_own = worst_relative_gradient_error(torch_grads64, torch_grads)[1]
+    worst64, error64 = worst_relative_gradient_error(torch_grads64, flax_grads64, noise)
+    torch_own = worst_relative_gradient_error(torch_grads64, torch_grads, noise)[1]
     name = f"{name} (NNX)" if api == "nnx" else name
     return [Check(f"{name}: train-mode output (batch statistics)", max_abs(torch_out, flax_out),
-                  1e-5),
+                  EVAL_TOLERANCE),
+            # Means and variances of 128 x 26 x 26 values or fewer, summed in other orders.
             Check(f"{name}: BatchNorm running mean/var after a step", stats, 1e-5,
                   "torch keeps the unbiased variance; so does our Flax BatchNorm"),
             # From one input array, float64 leaves only its own rounding (about 1e-12 here,
@@ -256,7 +279,8 @@ def check_train_mode(data: Mnist, device: torch.device = CPU, name: str = "net",
             # would show at 1e-8 or more.
             Check(f"{name}: gradients, every parameter, float64 (relative)", error64,
                   FLOAT64_GRADIENTS, f"worst: {worst64}; float64 from the same inputs: the same "
-                  f"maths to float64's rounding"),
+                  f"maths to float64's rounding" + (f"; {len(noise)} BatchNorm scales whose "
+                                                    f"gradient vanishes left out" if noise else "")),
             # float32's own rounding sets the bar: narrow layers (TinyNet's) round more.
             Check(f"{name}: gradients, every parameter, float32 (relative)", error32,
                   max(1e-3, 2 * torch_own),
@@ -329,7 +353,8 @@ def check_optimizer_steps(data: Mnist, steps: int = 100, float32_drift: bool = T
     tests/test_parity.py) have no such tie; a new one that fails by about 1e-5 may have one."""
     loss64, params64 = optimizer_steps(data, steps, np.float64, device, NO_NOISE, model, batch,
                                        api)
-    what = f"{steps} SGD steps" + (" (NNX)" if api == "nnx" else "")
+    what = (f"{steps} SGD steps" + (f", {model}" if model != "net" else "")
+            + (" (NNX)" if api == "nnx" else ""))
     why = "float64; the inputs' float32 rounding (Flax's step) is all that differs"
     checks = [Check(f"{what}, float64: loss, max |difference|", loss64, FLOAT64_STEPS_LOSS, why),
               Check(f"{what}, float64: weights and stats (relative)", params64,
@@ -384,6 +409,7 @@ def check_schedule(num_train: int = 60_000) -> list[Check]:
     flax_lrs = np.asarray(jax.jit(jax.vmap(flax_core.onecycle_schedule(config, total)))(
         jnp.arange(total)))
     relative = np.max(np.abs(flax_lrs - np.array(torch_lrs)) / np.array(torch_lrs))
+    # A cosine of a float32 step fraction in Optax against float64 in torch: a few 1e-7.
     return [Check(f"learning rate, all {total} steps (relative)", float(relative), 1e-5,
                   "float32 (Optax) vs float64 (torch)")]
 
@@ -403,19 +429,28 @@ def check_rotation(data: Mnist) -> list[Check]:
                   max_abs(by_torch[:, 0], by_shifts[..., 0]), 1e-5)]
 
 
-def correct_in_torch(model: torch.nn.Module, data: Mnist) -> int:
-    """Correct test predictions of a torch model (on the model's device)."""
+def torch_test_scores(model: torch.nn.Module, data: Mnist) -> np.ndarray:
+    """A torch model's log-probabilities of every test image (on the model's device)."""
     device = next(model.parameters()).device
-    return torch_core.evaluate(model.eval(), torch.from_numpy(data.test_images).to(device),
-                               torch.from_numpy(data.test_labels).long().to(device), 1000)[1]
+    with torch.no_grad():
+        return np.concatenate([model.eval()(torch_inputs(data.test_images[i:i + 1000], device))
+                               .cpu().numpy() for i in range(0, len(data.test_images), 1000)])
 
 
-def correct_in_flax(variables: dict, data: Mnist) -> int:
-    """Correct test predictions of linen `Net` `variables`, by the training's evaluation."""
-    batches = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), P("data"))
-    evaluate = flax_core.make_evaluate(lambda variables, x: linen_model("net").apply(variables, x),
-                                       1000, batches)
-    return int(evaluate(variables, data.test_images, data.test_labels)[1])
+def flax_test_scores(variables: dict, data: Mnist) -> np.ndarray:
+    """Linen `Net` `variables`' log-probabilities of every test image."""
+    return np.concatenate([flax_eval("net", variables, data.test_images[i:i + 1000])
+                           for i in range(0, len(data.test_images), 1000)])
+
+
+def differing_beyond_ties(scores: np.ndarray, other: np.ndarray, tolerance: float) -> int:
+    """How many images the two frameworks' scores of the same weights classify differently,
+    not counting near-ties: each output may differ by `tolerance` (check 1), so an image whose
+    two top classes lie within 2 x `tolerance` may go either way on any CPU or GPU."""
+    picked, other_picked = scores.argmax(-1), other.argmax(-1)
+    rows = np.arange(len(scores))
+    margin = scores[rows, picked] - scores[rows, other_picked]  # 0 where both agree
+    return int(np.sum(margin > 2 * tolerance))
 
 
 class ParityInputError(Exception):
@@ -440,18 +475,25 @@ def check_trained_models(data: Mnist, steps: int = 150, device: torch.device = C
         torch_core.train_step(torch_net, optimizer, scheduler, torch.from_numpy(images).to(device),
                               torch.from_numpy(labels).long().to(device), config, generator)
         state, _ = step(state, (jnp.asarray(images), jnp.asarray(labels)), jax.random.key(i))
-    torch_correct = correct_in_torch(torch_net, data)
-    flax_correct = correct_in_flax(torch_to_flax(torch_net.state_dict()), data)
-    flax_native = correct_in_flax(variables_of(state), data)
+    torch_scores = torch_test_scores(torch_net, data)
+    in_flax = flax_test_scores(torch_to_flax(torch_net.state_dict()), data)
+    flax_scores = flax_test_scores(variables_of(state), data)
     back = torch_model("net").to(device)
     back.load_state_dict(flax_to_torch(variables_of(state)))
-    torch_converted = correct_in_torch(back, data)
-    return [Check("torch-trained, test accuracy in Flax (images differing)",
-                  abs(flax_correct - torch_correct), 0,
-                  f"{torch_correct} vs {flax_correct} correct of {len(data.test_images)}"),
-            Check("Flax-trained, test accuracy in torch (images differing)",
-                  abs(flax_native - torch_converted), 0,
-                  f"{flax_native} vs {torch_converted} correct of {len(data.test_images)}")]
+    in_torch = torch_test_scores(back, data)
+    return [Check("torch-trained, test predictions in Flax (images differing beyond a tie)",
+                  differing_beyond_ties(torch_scores, in_flax, EVAL_TOLERANCE), 0,
+                  f"{accuracy_pair(torch_scores, in_flax, data)} correct of "
+                  f"{len(data.test_images)}"),
+            Check("Flax-trained, test predictions in torch (images differing beyond a tie)",
+                  differing_beyond_ties(flax_scores, in_torch, EVAL_TOLERANCE), 0,
+                  f"{accuracy_pair(flax_scores, in_torch, data)} correct of "
+                  f"{len(data.test_images)}")]
+
+
+def accuracy_pair(scores: np.ndarray, other: np.ndarray, data: Mnist) -> str:
+    """'N vs M': the correct test predictions of two scores of the test images."""
+    return " vs ".join(str(int(np.sum(s.argmax(-1) == data.test_labels))) for s in (scores, other))
 
 
 def load_torch_net(path: str) -> dict:
@@ -476,11 +518,11 @@ def check_saved_torch_model(data: Mnist, path: str, device: torch.device = CPU) 
     state_dict = load_torch_net(path)
     torch_net = torch_model("net").to(device)
     torch_net.load_state_dict(state_dict)
-    torch_correct = correct_in_torch(torch_net, data)
-    flax_correct = correct_in_flax(torch_to_flax(state_dict), data)
-    return [Check("saved torch model, test accuracy in Flax (images differing)",
-                  abs(flax_correct - torch_correct), 0,
-                  f"{path}: {torch_correct} vs {flax_correct} correct of "
+    torch_scores = torch_test_scores(torch_net, data)
+    in_flax = flax_test_scores(torch_to_flax(state_dict), data)
+    return [Check("saved torch model, test predictions in Flax (images differing beyond a tie)",
+                  differing_beyond_ties(torch_scores, in_flax, EVAL_TOLERANCE), 0,
+                  f"{path}: {accuracy_pair(torch_scores, in_flax, data)} correct of "
                   f"{len(data.test_images)}")]
 
 
@@ -499,6 +541,8 @@ def check_nnx_against_linen(data: Mnist, name: str = "net", steps: int = 30) -> 
     nnx_grads, nnx_out, nnx_stats = nnx_train_pass(module, inputs, labels, name)
     flat = lambda tree: dict(zip(map(str, range(len(jax.tree.leaves(tree)))),  # noqa: E731
                                  map(np.asarray, jax.tree.leaves(tree)), strict=True))
+    # The same operations traced through two APIs; XLA may fuse (and so round) them otherwise:
+    # float32's rounding, 0 to 1e-8 measured on the CPUs, over 30 steps too.
     checks = [Check(f"{name} (NNX): eval output = linen's", max_abs(nnx_eval,
                     flax_eval(name, variables, images)), 1e-5),
               Check(f"{name} (NNX): train-mode output = linen's", max_abs(nnx_out, linen_out),
@@ -549,7 +593,9 @@ def check_nnx_eval_outputs(data: Mnist, name: str, tolerance: float,
 def check_nnx(data: Mnist, device: torch.device = CPU) -> list[Check]:
     """7. The NNX port against linen and against torch (checks 1 to 3 with the NNX network)."""
     return (check_nnx_against_linen(data, "net") + check_nnx_against_linen(data, "tinynet")
-            + check_nnx_eval_outputs(data, "net", 1e-5, device)
+            + check_nnx_against_linen(data, "sepnet")
+            + check_nnx_eval_outputs(data, "net", EVAL_TOLERANCE, device)
+            + check_nnx_eval_outputs(data, "sepnet", EVAL_TOLERANCE, device)
             + check_nnx_eval_outputs(data, "seednet", 1e-4, device)
             + check_train_mode(data, device, "net", "nnx")
             + check_optimizer_steps(data, float32_drift=False, device=device, api="nnx"))
@@ -557,12 +603,16 @@ def check_nnx(data: Mnist, device: torch.device = CPU) -> list[Check]:
 
 def all_checks(data: Mnist, device: torch.device = CPU) -> list[Callable[[], list[Check]]]:
     """The seven checks of the module docstring, in order, as thunks; torch on `device`."""
-    return [lambda: (check_eval_outputs(data, "net", 1e-5, device)
-                     + check_eval_outputs(data, "tinynet", 1e-5, device)
-                     + check_eval_outputs(data, "widenet", 1e-5, device)
+    return [lambda: (check_eval_outputs(data, "net", EVAL_TOLERANCE, device)
+                     + check_eval_outputs(data, "tinynet", EVAL_TOLERANCE, device)
+                     + check_eval_outputs(data, "widenet", EVAL_TOLERANCE, device)
+                     + check_eval_outputs(data, "sepnet", EVAL_TOLERANCE, device)
                      + check_eval_outputs(data, "seednet", 1e-4, device)),
-            lambda: check_train_mode(data, device) + check_train_mode(data, device, "tinynet"),
-            lambda: check_optimizer_steps(data, device=device) + check_loss(data),
+            lambda: (check_train_mode(data, device) + check_train_mode(data, device, "tinynet")
+                     + check_train_mode(data, device, "sepnet")),
+            lambda: (check_optimizer_steps(data, device=device)
+                     + check_optimizer_steps(data, 5, False, device, model="sepnet", batch=32)
+                     + check_loss(data)),
             lambda: check_schedule(len(data.train_images)),
             lambda: check_rotation(data),
             lambda: check_trained_models(data, device=device),
@@ -597,7 +647,7 @@ def full_float32_precision():
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m compare.parity", description=__doc__,
+    parser = OneLineParser(prog="python -m compare.parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-source", default="auto")
     parser.add_argument("--torch-model", metavar="PATH",

@@ -38,8 +38,10 @@ from compare.host import cpu_name, peak_gflops, vector_extensions
 from flax_impl import augment as flax_augment
 from flax_impl import core as flax_core
 from flax_impl import train as flax_train
-from flax_impl.common.config import RECIPES, STEPS_PER_CALL, Config, recipe_config
+from flax_impl.common.atomic import write_output
+from flax_impl.common.config import RECIPES, STEPS_PER_CALL, Config, OneLineParser, recipe_config
 from flax_impl.common.data import load_mnist
+from flax_impl.common.errors import ConfigError, first_line
 from flax_impl.extras import fast as flax_fast
 from flax_impl.extras.compile_cache import use_compilation_cache
 from flax_impl.extras.kernels import FAST, STOCK, Kernels, get_kernels
@@ -396,7 +398,7 @@ def report(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m compare.speed", description=__doc__,
+    parser = OneLineParser(prog="python -m compare.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=390, help="train steps timed per framework")
     parser.add_argument("--steps-per-call", type=int, default=None,
@@ -428,8 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         results["nnx"] = nnx_comparison(data, config, max(1, rounds // 2), steps_per_call)
     print(report(results))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump(results, file, indent=2)
+        try:
+            write_output(args.json, lambda file: file.write(json.dumps(results, indent=2).encode()))
+        except (ConfigError, OSError) as error:
+            print(f"error: cannot write {args.json}: {first_line(error)}", file=sys.stderr)
+            return 2
     return 0
 
 

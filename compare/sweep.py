@@ -22,6 +22,11 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from flax_impl.common.atomic import write_output
+from flax_impl.common.config import OneLineParser
+from flax_impl.common.errors import ConfigError, first_line
 
 TRAINER = "flax_impl.train"  # the module each run is `python -m`
 
@@ -70,6 +75,12 @@ VARIANTS = {
     "fast_b64": f"{FAST_V1} --batch-size 64 --lr 0.1",
     "fast_lr04": f"{FAST_V1} --lr 0.4",
     "fast_lr06": f"{FAST_V1} --lr 0.6",
+    # Fifth, on the CPU: networks under 5,000 parameters, 20 epochs, no dropout (TinyNet's
+    # recipe), in SepNet's layout at three widths (results/sepnet/sweep*_cpu.txt ran them, and
+    # other layouts, as entries of the model table: docs/recipes.md).
+    "sep_d": "--model sepnet --widths 8,12,16,16,20,24,24 --dropout 0",  # 3,538 parameters
+    "sep_d1": "--model sepnet --dropout 0",  # 4,710: SepNet
+    "sep_d4": "--model sepnet --widths 10,16,20,20,24,28,32 --dropout 0",  # 4,946
 }
 FIRST_SWEEP = ",".join(list(VARIANTS)[:list(VARIANTS).index("wide_b64") + 1])
 MARGIN_SWEEP = "fast,fast_wd1e4,fast_wd1e3,fast_ls02,fast_lr03,fast_b64,fast_lr04,fast_lr06"
@@ -130,7 +141,7 @@ def summary(paths: list[str], target: float = 99.40) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m compare.sweep", description=__doc__,
+    parser = OneLineParser(prog="python -m compare.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="the file the result lines are appended to")
     parser.add_argument("--summary", nargs="+", metavar="FILE",
@@ -161,11 +172,22 @@ def main(argv: list[str] | None = None) -> int:
                    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_cache_")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     lock = threading.Lock()
+    out = Path(args.out)
+
+    def append(text: str) -> None:  # the whole file rewritten, through a rename
+        kept = out.read_bytes() if out.is_file() else b""
+        write_output(out, lambda file: file.write(kept + text.encode()))
+
+    try:
+        append("")  # a file that cannot be written is said now, not after hours of training
+    except (ConfigError, OSError) as error:
+        print(f"error: cannot write {out}: {first_line(error)}", file=sys.stderr)
+        return 2
 
     def job(name: str, seed: int) -> None:
         line = run(name, seed, VARIANTS[name], args.extra, env)
-        with lock, open(args.out, "a") as out:
-            out.write(line + "\n")
+        with lock:
+            append(line + "\n")
         print(line, flush=True)
 
     # Seed-major: whatever finishes before a time limit covers every variant evenly.

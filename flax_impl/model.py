@@ -7,7 +7,6 @@ Mirrors `torch_ref/model.py` layer for layer and name for name: float32 NHWC (B,
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_impl.common.data import normalize
-from flax_impl.common.models import MODELS, model_widths
+from flax_impl.common.models import MODELS, NET_LAYOUT, conv_layers, model_spec, model_widths
 
 ModuleDef = Any
 
@@ -82,16 +81,21 @@ class BatchNorm(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """3x3 convolution (no bias) -> BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
+    """Convolution (no bias; 3x3 or 1x1, depthwise where `groups` is the input's channels) ->
+    BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
 
     features: int
     dropout: float
     conv: ModuleDef = nn.Conv
+    kernel_size: int = 3
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = self.conv(self.features, (3, 3), padding="VALID", use_bias=False,
-                      kernel_init=torch_default_init, name="conv")(x)
+        size = (self.kernel_size, self.kernel_size)
+        x = self.conv(self.features, size, padding="VALID", use_bias=False,
+                      feature_group_count=self.groups, kernel_init=torch_default_init,
+                      name="conv")(x)
         x = nn.relu(BatchNorm(name="bn")(x, train))
         # Dropping whole channels (torch's Dropout2d) draws B*C random numbers instead of B*H*W*C:
         # random bits are slow on XLA:CPU.
@@ -99,32 +103,31 @@ class ConvBlock(nn.Module):
 
 
 class Net(nn.Module):
-    """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
+    """Our sub-20k CNN: the conv blocks and max-pools of `layout` (the model table,
+    `flax_impl.common.models`), global average pooling, a linear head.
 
-    Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
-    `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower and wider
-    (the model table, `flax_impl.common.models`).
+    `Net`'s own layout: six 3x3 conv blocks and one max-pool, spatial sizes 28 -> 26 -> 24 ->
+    (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22. `widths`: the channels of the
+    blocks; TinyNet and WideNet are the same network, narrower and wider.
     """
 
     dropout: float = 0.05
     widths: tuple[int, ...] = MODELS["net"].widths
+    layout: tuple[str, ...] = NET_LAYOUT
     conv: ModuleDef = nn.Conv
     max_pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        block = functools.partial(ConvBlock, conv=self.conv)
-        w1, w2, w3, w4, w5, w6 = self.widths
-        x = block(w1, self.dropout, name="block1")(x, train)
-        x = block(w2, self.dropout, name="block2")(x, train)
-        x = self.max_pool(x, (2, 2), strides=(2, 2))
-        x = block(w3, self.dropout, name="block3")(x, train)
-        x = block(w4, self.dropout, name="block4")(x, train)
-        x = block(w5, self.dropout, name="block5")(x, train)
-        x = block(w6, 0.0, name="block6")(x, train)
+        for layer in conv_layers(self.layout, self.widths):
+            if layer == "M":
+                x = self.max_pool(x, (2, 2), strides=(2, 2))
+                continue
+            x = ConvBlock(layer.features, self.dropout if layer.dropout else 0.0, self.conv,
+                          layer.kernel_size, layer.groups, name=layer.name)(x, train)
         x = x.mean(axis=(1, 2))
-        x = nn.Dense(10, kernel_init=torch_default_init, bias_init=torch_default_bias_init(w6),
-                     name="head")(x)
+        x = nn.Dense(10, kernel_init=torch_default_init,
+                     bias_init=torch_default_bias_init(x.shape[-1]), name="head")(x)
         return nn.log_softmax(x)
 
 
@@ -132,4 +135,5 @@ def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | Non
                  conv: ModuleDef = nn.Conv, max_pool: Callable = nn.max_pool) -> Net:
     """Model `name` of the table (`flax_impl.common.models`) at `widths` (default: its own), with
     the convolution and pooling given (default: `nn.Conv`, `nn.max_pool`)."""
-    return Net(dropout=dropout, widths=model_widths(name, widths), conv=conv, max_pool=max_pool)
+    return Net(dropout=dropout, widths=model_widths(name, widths), layout=model_spec(name).layout,
+               conv=conv, max_pool=max_pool)

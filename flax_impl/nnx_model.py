@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_impl.common.models import MODELS, model_widths
+from flax_impl.common.models import MODELS, NET_LAYOUT, conv_layers, model_spec, model_widths
 from flax_impl.model import batch_normalize, torch_default_bias_init, torch_default_init
 
 
@@ -44,11 +44,14 @@ class BatchNorm(nnx.Module):
 
 
 class ConvBlock(nnx.Module):
-    """3x3 convolution (no bias) -> BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
+    """Convolution (no bias; 3x3 or 1x1, depthwise where `groups` is the input's channels) ->
+    BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
 
-    def __init__(self, in_features: int, features: int, dropout: float, *, rngs: nnx.Rngs,
+    def __init__(self, in_features: int, features: int, dropout: float, kernel_size: int = 3,
+                 groups: int = 1, *, rngs: nnx.Rngs,
                  conv_general_dilated: Callable = jax.lax.conv_general_dilated):
-        self.conv = nnx.Conv(in_features, features, (3, 3), padding="VALID", use_bias=False,
+        self.conv = nnx.Conv(in_features, features, (kernel_size, kernel_size), padding="VALID",
+                             use_bias=False, feature_group_count=groups,
                              kernel_init=torch_default_init,
                              conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.bn = BatchNorm(features)
@@ -59,28 +62,30 @@ class ConvBlock(nnx.Module):
 
 
 class Net(nnx.Module):
-    """Our sub-20k CNN, as `flax_impl.model.Net`: six 3x3 conv blocks, one max-pool, global
-    average pooling, a linear head. `widths`: the blocks' channels (the model table)."""
+    """Our sub-20k CNN, as `flax_impl.model.Net`: the conv blocks and max-pools of `layout`
+    (the model table), global average pooling, a linear head. `widths`: the blocks' channels."""
 
-    def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths, *,
-                 rngs: nnx.Rngs, conv_general_dilated: Callable = jax.lax.conv_general_dilated,
+    def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths,
+                 layout: tuple[str, ...] = NET_LAYOUT, *, rngs: nnx.Rngs,
+                 conv_general_dilated: Callable = jax.lax.conv_general_dilated,
                  max_pool: Callable = nnx.max_pool):
-        w1, w2, w3, w4, w5, w6 = widths
-        kwargs = dict(rngs=rngs, conv_general_dilated=conv_general_dilated)
-        self.block1 = ConvBlock(1, w1, dropout, **kwargs)
-        self.block2 = ConvBlock(w1, w2, dropout, **kwargs)
-        self.block3 = ConvBlock(w2, w3, dropout, **kwargs)
-        self.block4 = ConvBlock(w3, w4, dropout, **kwargs)
-        self.block5 = ConvBlock(w4, w5, dropout, **kwargs)
-        self.block6 = ConvBlock(w5, w6, 0.0, **kwargs)
-        self.head = nnx.Linear(w6, 10, kernel_init=torch_default_init,
-                               bias_init=torch_default_bias_init(w6), rngs=rngs)
+        plan = conv_layers(layout, widths)
+        for layer in plan:
+            if layer != "M":
+                block = ConvBlock(layer.in_features, layer.features,
+                                  dropout if layer.dropout else 0.0, layer.kernel_size,
+                                  layer.groups, rngs=rngs,
+                                  conv_general_dilated=conv_general_dilated)
+                setattr(self, layer.name, block)
+        features = [layer for layer in plan if layer != "M"][-1].features
+        self.head = nnx.Linear(features, 10, kernel_init=torch_default_init,
+                               bias_init=torch_default_bias_init(features), rngs=rngs)
+        self.plan = tuple("M" if layer == "M" else layer.name for layer in plan)
         self.max_pool = max_pool
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.block2(self.block1(x))
-        x = self.max_pool(x, (2, 2), strides=(2, 2))
-        x = self.block6(self.block5(self.block4(self.block3(x))))
+        for layer in self.plan:
+            x = self.max_pool(x, (2, 2), strides=(2, 2)) if layer == "M" else getattr(self, layer)(x)
         return nnx.log_softmax(self.head(x.mean(axis=(1, 2))))
 
 
@@ -89,7 +94,7 @@ def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | Non
                  max_pool: Callable = nnx.max_pool) -> Net:
     """NNX model `name` of the table (`flax_impl.common.models`) at `widths` (default: its
     own), with the convolution function `nnx.Conv` calls and the pooling given."""
-    return Net(dropout, model_widths(name, widths), rngs=rngs,
+    return Net(dropout, model_widths(name, widths), model_spec(name).layout, rngs=rngs,
                conv_general_dilated=conv_general_dilated, max_pool=max_pool)
 
 

@@ -50,12 +50,14 @@ def create_port(config: Config, total_steps: int, kernels: Kernels) -> core.Port
 @dataclasses.dataclass
 class Progress:
     """Where training stands, saved with each checkpoint: the epoch and step to continue from,
-    that epoch's loss so far, and the records of the finished epochs."""
+    that epoch's loss so far, the records of the finished epochs, and whose run it is (the
+    config's `workdirs.run_identity`)."""
 
     epoch: int = 1
     step: int = 0
     loss_sum: float = 0.0
     history: list[dict] = dataclasses.field(default_factory=list)
+    run: str = ""
 
 
 def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
@@ -80,6 +82,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any
                        ) -> tuple[int, Any, Progress] | None:
     """The latest (global step, state, progress), the state restored like `target` (arrays or
     their shapes, with shardings); None without a checkpoint, WorkdirError if it is damaged."""
+    for saved in manager.all_steps():  # Orbax would follow a link, and fail to delete it later
+        if (folder := Path(manager.directory) / str(saved)).is_symlink():
+            raise errors.WorkdirError(f"{folder} is a symbolic link, not this run's own "
+                                      f"checkpoint: remove it, or --overwrite")
     step = manager.latest_step()
     if step is None:
         return None
@@ -143,9 +149,9 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
     `steps_per_call` at a time, then `evaluate`s, saves a checkpoint with `manager` and writes
     metrics.jsonl and curves.png into `files`. A first SIGINT/SIGTERM saves a checkpoint at the
     next chunk and stops (TrainingStopped); an exploded loss (`errors.exploded`) stops at once."""
-    progress = Progress()
+    progress = Progress(run=workdirs.run_identity(config))
     if resume:
-        state, progress = resume_point(manager, state, config.epochs * steps, steps)
+        state, progress = resume_point(manager, state, progress, config, steps)
     first_loss = None  # the first step's loss: what an exploded loss is measured against
     with stop_requests() as stop, workdirs.EpochFiles(files) as epoch_files:
         if progress.history:  # the checkpoint's records: metrics.jsonl as they were, whole
@@ -174,7 +180,7 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
             record_epoch(progress.history, epoch, progress.loss_sum / steps,
                          float(loss_sum) / len(eval_data[1]), int(correct), len(eval_data[1]),
                          time.perf_counter() - started, config.eval_split)
-            progress = Progress(epoch + 1, 0, 0.0, progress.history)
+            progress = dataclasses.replace(progress, epoch=epoch + 1, step=0, loss_sum=0.0)
             save_checkpoint(manager, epoch * steps, state, progress)
             epoch_files.write(progress.history)
             if distributed.any_process(stop.signal is not None):  # (during the evaluation)
@@ -182,18 +188,21 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
     return progress.history
 
 
-def resume_point(manager: ocp.CheckpointManager, state, total: int, steps: int
-                 ) -> tuple[Any, Progress]:
-    """The state (restored like `state`) and progress of the latest checkpoint; without one,
-    `state` and a fresh start."""
+def resume_point(manager: ocp.CheckpointManager, state, fresh: Progress, config: Config,
+                 steps: int) -> tuple[Any, Progress]:
+    """The state (restored like `state`) and progress of the latest checkpoint, if this run's
+    config (`fresh.run`) trained it; without one, `state` and `fresh`."""
     if (restored := restore_checkpoint(manager, state)) is None:
         print(f"--resume: no checkpoint in {manager.directory}; starting afresh")
-        return state, Progress()
+        return state, fresh
     done, state, progress = restored
+    total = config.epochs * steps
     if done > total or done != (progress.epoch - 1) * steps + progress.step:
         raise errors.WorkdirError(f"--resume: the checkpoint in {manager.directory} is at step "
                                   f"{done}, which does not fit this run of {total} steps "
                                   f"({steps} per epoch); --overwrite to start afresh")
+    workdirs.check_identity(progress.run, fresh.run, f"--resume: the checkpoint in "
+                                                     f"{manager.directory}")
     print(f"Resumed from {manager.directory}: epoch {progress.epoch}, step "
           f"{progress.step}/{steps}")
     return state, progress

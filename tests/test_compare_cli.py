@@ -114,7 +114,8 @@ workdir = pathlib.Path(args.workdir)
 workdir.mkdir(parents=True)
 (workdir / "config.json").write_text(json.dumps({"recipe": args.recipe, "epochs": args.epochs}))
 (workdir / "metrics.jsonl").write_text(json.dumps(
-    {"epoch": 1, "test_accuracy": 0.99 + int(args.seed) / 1000, "seconds": 1.0}) + "\\n")
+    {"epoch": 1, "test_loss": 0.02, "test_accuracy": 0.99 + int(args.seed) / 1000,
+     "seconds": 1.0}) + "\\n")
 """
 
 
@@ -268,10 +269,10 @@ def test_params_counts_a_model_at_the_widths_given(capsys):
     assert table["flax_total"] == params.parameter_table("tinynet")["flax_total"]
     with pytest.raises(SystemExit):
         params.main(["--model", "net", "--widths", "8,10"])
-    assert "--widths needs 6 positive integers" in capsys.readouterr().err
+    assert "--widths needs 6 positive integers for net" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         params.main(["--model", "net", "--widths", "8,x"])
-    assert "--widths: takes 6 comma-separated integers" in capsys.readouterr().err
+    assert "--widths: takes comma-separated integers" in capsys.readouterr().err
 
 
 def test_sweep_runs_every_variant_and_seed_on_the_validation_split(tmp_path, monkeypatch):

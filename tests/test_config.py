@@ -50,7 +50,7 @@ def test_a_recipe_sets_its_fields_and_given_flags_override_them(recipe):
     (["--seed", str(2**32)], f"--seed must be in [0, 2**32), got {2**32}"),
     (["--validation", "-1"], "--validation must be >= 0, got -1"),
     (["--train-examples", "0"], "--train-examples must be > 0, got 0"),
-    (["--widths", "1,2,3,4,5,0"], "--widths needs 6 positive integers (e.g. 10,16,16,16,24,32), "
+    (["--widths", "1,2,3,4,5,0"], "--widths needs 6 positive integers for net (e.g. 10,16,16,16,24,32), "
                                   "got 1,2,3,4,5,0"),
 ])
 def test_a_value_no_run_can_use_is_refused_saying_which_and_why(flags, message):

@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -81,13 +80,6 @@ def epochs_of(workdir: Path) -> list[dict]:
 def training_stderr(stderr: str) -> str:
     """What a process printed on stderr from its first epoch's progress bar on."""
     return stderr[stderr.index("Epoch 1/"):]
-
-
-def assert_close(run: list[dict], reference: list[dict], rtol: float) -> None:
-    assert [m["epoch"] for m in run] == [m["epoch"] for m in reference]
-    for key in ("train_loss", "test_loss", "test_accuracy"):
-        np.testing.assert_allclose([m[key] for m in run], [m[key] for m in reference],
-                                   rtol=rtol, err_msg=key)
 
 
 # Flax: jax.distributed
@@ -342,11 +334,26 @@ def test_torch_two_ranks_take_the_steps_of_one_process(two_ranks):
 TORCH_DISTRIBUTED_RUN = [*TORCH_RUN, "--dropout", "0", "--max-rotation", "0", "--device", "cpu"]
 
 
+def torchrun(flags: list[str]) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m torch_ref.train flags`, to its end."""
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-port", str(free_port()), "-m", "torch_ref.train", *flags],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        # Once in several runs on this 2-core VM, under the suite's load, a rank aborted inside
+        # torch's gloo start-up (exit -6) before any epoch began: not these tests' subject, so
+        # such a start is tried again (once). An abort after training began fails the test.
+        if "(exitcode: -6)" not in result.stderr or "Epoch " in result.stderr:
+            break
+    return result
+
+
 @pytest.fixture(scope="module")
 def torch_story(tiny_idx_source, tmp_path_factory) -> dict:
     """Two ranks train the suite's run (no dropout or rotation: each rank would draw its own);
-    in epoch 2 rank 1 is killed (rank 0 stops); torchrun resumes both. Beside them, the run
-    on one process."""
+    in epoch 2 rank 1 is killed (rank 0 stops); torchrun resumes both. Beside them, the same
+    two ranks uninterrupted."""
     root = tmp_path_factory.mktemp("torch_story")
     flags = ["--data-source", tiny_idx_source, *TORCH_DISTRIBUTED_RUN, "--workdir",
              str(root / "two")]
@@ -354,19 +361,9 @@ def torch_story(tiny_idx_source, tmp_path_factory) -> dict:
     with killed_at_exit() as started:
         story = torch_stages(flags, hooks, port, started)
     story["workdir"] = root / "two"
-    for _ in range(2):
-        story["resumed"] = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-             "--master-port", str(free_port()), "-m", "torch_ref.train", *flags, "--resume"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300)
-        # Once in several runs on this 2-core VM, under the suite's load, a rank of the resumed
-        # run aborted inside torch's gloo start-up (exit -6) before it trained: not this test's
-        # subject, so that one start is tried again (once).
-        if "(exitcode: -6)" not in story["resumed"].stderr:
-            break
-    one = root / "one"
-    assert torch_train.main([*flags[:-1], str(one)]) == 0
-    story["one"] = epochs_of(one)
+    story["resumed"] = torchrun([*flags, "--resume"])
+    story["uninterrupted"] = torchrun([*flags[:-1], str(root / "uninterrupted")])
+    story["reference"] = epochs_of(root / "uninterrupted")
     return story
 
 
@@ -401,7 +398,7 @@ def test_torch_a_rank_that_dies_stops_the_other_with_one_line_and_exit_4(torch_s
 
 
 @pytest.mark.slow
-def test_torchrun_resumes_two_ranks_that_end_with_the_metrics_of_one_process(torch_story):
+def test_torchrun_resumes_two_ranks_that_end_as_the_uninterrupted_ranks(torch_story):
     resumed = torch_story["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # Rank 0 alone prints: it resumed after epoch 1 and scored epochs 2 and 3 only.
@@ -409,8 +406,12 @@ def test_torchrun_resumes_two_ranks_that_end_with_the_metrics_of_one_process(tor
     assert f"Resumed from {torch_story['workdir'] / 'checkpoint.pt'} after epoch 1" in \
         resumed.stdout
     assert resumed.stdout.count("Test set") == 2
-    # One process sums the global batch's BatchNorm statistics and gradients in another order.
-    assert_close(epochs_of(torch_story["workdir"]), torch_story["one"], rtol=2e-3)
+    uninterrupted = torch_story["uninterrupted"]
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    # The same program on the same two ranks, each sum over them of two terms (in either order
+    # the same float): the same bits, through the kill and the resume. (Two ranks against one
+    # process, which sums in another order: test_torch_two_ranks_take_the_steps_of_one_process.)
+    assert epochs_of(torch_story["workdir"]) == torch_story["reference"]
     saved = torch.load(torch_story["workdir"] / "model.pt", weights_only=True)
     assert not any(name.startswith("module.") for name in saved)  # the model, not DDP's wrapper
 

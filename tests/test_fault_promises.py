@@ -168,7 +168,7 @@ def test_a_malformed_metrics_line_is_a_workdir_error(tmp_path):
 def test_a_damaged_progress_record_is_refused_before_it_is_used():
     history = [{"epoch": 1, "train_loss": 1.0, "test_loss": 0.5, "test_accuracy": 0.9,
                 "seconds": 1.0}]
-    good = {"epoch": 2, "step": 0, "loss_sum": 0.0, "history": history}
+    good = {"epoch": 2, "step": 0, "loss_sum": 0.0, "history": history, "run": "0123abcd"}
     assert workdir.checked_progress(good, "here") == good
     for damaged in ({**good, "epoch": "2"}, {**good, "extra": 1},
                     {k: v for k, v in good.items() if k != "step"},
@@ -304,6 +304,21 @@ def test_accuracy_names_a_malformed_results_line_in_one_line(tmp_path, capsys):
     assert len(said) == 1 and "not a metrics file" in said[0]
 
 
+def test_accuracy_replaces_a_linked_picture_never_its_target(tmp_path, capsys):
+    from compare import accuracy
+
+    for framework in ("flax", "torch"):
+        (tmp_path / framework).mkdir()
+        (tmp_path / framework / "seed0.jsonl").write_text(json.dumps(
+            {"epoch": 1, "train_loss": 0.1, "test_loss": 0.1, "test_accuracy": 0.995,
+             "seconds": 1.0}) + "\n")
+    (tmp_path / "precious").write_text("keep me")
+    (tmp_path / "curves.png").symlink_to(tmp_path / "precious")
+    assert accuracy.main(["--results", str(tmp_path), "--png", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "precious").read_text() == "keep me"
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_convert_is_a_command_that_converts_both_ways(tmp_path, capsys):
     import torch
 
@@ -324,6 +339,41 @@ def test_convert_is_a_command_that_converts_both_ways(tmp_path, capsys):
                if not k.endswith("num_batches_tracked"))
     assert convert.main([str(tmp_path / "missing.pt"), str(tmp_path / "x.npz")]) == 2
     assert len(messages(capsys.readouterr().err)) == 1
+
+
+def test_convert_writes_the_name_given_never_through_a_link_nor_over_its_input(tmp_path,
+                                                                                 capsys):
+    import torch
+
+    from compare import convert
+
+    torch.save(convert.torch_model("tinynet").state_dict(), tmp_path / "model.pt")
+    argv = ["--model", "tinynet"]
+    assert convert.main([str(tmp_path / "model.pt"), str(tmp_path / "out.txt"), *argv]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "out.txt"]
+    (tmp_path / "precious").write_text("keep me")
+    (tmp_path / "link.npz").symlink_to(tmp_path / "precious")
+    assert convert.main([str(tmp_path / "model.pt"), str(tmp_path / "link.npz"), *argv]) == 0
+    assert (tmp_path / "precious").read_text() == "keep me"  # the link itself was replaced
+    assert not (tmp_path / "link.npz").is_symlink()
+    before = (tmp_path / "model.pt").read_bytes()
+    capsys.readouterr()
+    for target in ("model.pt", "."):  # its own input; a directory
+        assert convert.main([str(tmp_path / "model.pt"), str(tmp_path / target), *argv]) == 2
+        said = messages(capsys.readouterr().err)
+        assert len(said) == 1 and said[0].startswith("error: "), said
+    assert (tmp_path / "model.pt").read_bytes() == before
+
+
+def test_outputs_get_the_users_umask(tmp_path):
+    from flax_impl.common.atomic import write_output
+
+    previous = os.umask(0o027)
+    try:
+        write_output(tmp_path / "out.json", lambda file: file.write(b"{}"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o640
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from flax_impl import train as flax_train
-from flax_impl.common.workdir import load_config, read_metrics, workdir_lock
+from flax_impl.common.workdir import load_config, read_metrics, run_identity, workdir_lock
 from tests.conftest import (
     FLAX_RUN,
     ROOT,
@@ -322,6 +322,36 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(framework, straig
     assert messages(capsys.readouterr().err) == [expected]
 
 
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_resume_refuses_a_checkpoint_of_another_config_whatever_config_json_says(
+        framework, straight, tiny_idx_source, tmp_path, capsys):
+    workdir = copy_run(straight[framework], tmp_path)
+    before = listing(workdir)
+    # config.json edited by hand to another peak rate, then resumed at that rate: the
+    # checkpoint was trained at the first one.
+    record = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**record, "lr": 0.05}))
+    args = [*run_args(framework, tiny_idx_source, workdir, "--resume"), "--lr", "0.05"]
+    assert TRAINERS[framework].main(args) == 2
+    said = messages(capsys.readouterr().err)
+    assert len(said) == 1 and "was trained by another config than this run's" in said[0], said
+    assert {k: v for k, v in listing(workdir).items() if k != "config.json"} == \
+        {k: v for k, v in before.items() if k != "config.json"}  # nothing trained or rewritten
+
+
+def test_resume_refuses_a_step_folder_that_links_to_another_runs(straight, tiny_idx_source,
+                                                                 tmp_path, capsys):
+    other = copy_run(straight["flax"], tmp_path / "other")
+    workdir = copy_run(straight["flax"], tmp_path / "mine")
+    newest = max(checkpoint_steps(workdir))
+    shutil.rmtree(workdir / "checkpoints" / str(newest))
+    (workdir / "checkpoints" / str(newest)).symlink_to(other / "checkpoints" / str(newest))
+    assert flax_train.main(run_args("flax", tiny_idx_source, workdir, "--resume")) == 2
+    said = messages(capsys.readouterr().err)
+    assert said == [f"error: {workdir / 'checkpoints' / str(newest)} is a symbolic link, not this "
+                    f"run's own checkpoint: remove it, or --overwrite"]
+
+
 def save_a_tinynet_checkpoint(framework: str, workdir: Path) -> None:
     """Replace the checkpoint of `workdir` (a Net run) by one of TinyNet after epoch 1."""
     from dataclasses import replace
@@ -337,7 +367,8 @@ def save_a_tinynet_checkpoint(framework: str, workdir: Path) -> None:
         shutil.rmtree(workdir / "checkpoints")
         with flax_train.checkpoint_manager(workdir) as manager:
             flax_train.save_checkpoint(manager, SHAPE_STEPS, jax.jit(port.init)(jax.random.key(0)),
-                                       flax_train.Progress(2, 0, 0.0, history))
+                                       flax_train.Progress(2, 0, 0.0, history,
+                                                           run_identity(config)))
     else:
         run = torch_train.create_run(config, synthetic_mnist(512, 1), "cpu")
         torch_train.save_checkpoint(workdir / "checkpoint.pt", run, history)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import re
 from contextlib import redirect_stderr, redirect_stdout
 from types import SimpleNamespace
 
@@ -113,6 +114,7 @@ def test_batchnorm_trains_keeps_statistics_and_evaluates_as_torch_does():
     trained, mean, var, evaluated = torch_batch_norm_reference(BN_INPUT, BN_SCALE, BN_BIAS, 2)
     bn = nnx_model.BatchNorm(5)
     bn.scale[...], bn.bias[...] = jnp.asarray(BN_SCALE), jnp.asarray(BN_BIAS)
+    # Against torch's float32 BatchNorm, as linen's test: sums in another order, a few 1e-7.
     for want in trained:  # two steps: the momentum compounds as torch's
         np.testing.assert_allclose(np.asarray(forward(bn, BN_INPUT)), want, rtol=1e-5,
                                    atol=1e-5)
@@ -261,11 +263,15 @@ def test_evaluate_and_predict_score_exactly_what_the_training_scored(runs, tmp_p
     digits = synthetic_mnist(64, 200, seed=9)
     lower = digits._replace(test_images=np.roll(digits.test_images, 1, axis=1))
     source = f"idx:{write_idx_dir(tmp_path / 'lower', lower)}"
-    predicted = np.asarray(scored(to_inputs(jnp.asarray(lower.test_images)))).argmax(-1)
-    correct = int((predicted == lower.test_labels).sum())
+    scores = np.asarray(scored(to_inputs(jnp.asarray(lower.test_images))))
+    correct = int((scores.argmax(-1) == lower.test_labels).sum())
     assert 0 < correct < 200
     assert evaluate.main(["--workdir", str(workdir), "--data-source", source, *out]) == 0
-    assert f"Test accuracy: {correct}/200 (" in capsys.readouterr().out
+    counted = int(re.search(r"Test accuracy: (\d+)/200 \(", capsys.readouterr().out)[1])
+    # This call runs operation by operation, evaluate's program fused: float32 rounds otherwise
+    # (about 1e-7), so an image whose two likeliest digits lie that close may go either way.
+    best, second = np.sort(scores, -1)[:, :-3:-1].T
+    assert abs(counted - correct) <= np.sum(best - second <= 1e-5)
 
     image = tmp_path / "digit.png"
     Image.fromarray(synthetic_mnist(0, 1, seed=3).test_images[0]).save(image)

@@ -26,7 +26,9 @@ from tests.conftest import (
     SHAPE_EPOCHS,
     SHAPE_STEPS_PER_CALL,
     TINY_TEST,
+    TINY_TRAIN,
     messages,
+    synthetic_mnist,
 )
 from torch_ref import train as torch_train
 
@@ -186,6 +188,24 @@ def evaluated(workdir, capsys) -> int:
     return int(capsys.readouterr().out.split("Test accuracy: ")[1].split("/")[0])
 
 
+def torch_near_ties(workdir) -> int:
+    """The tiny test images whose two likeliest digits the torch model of `workdir` scores
+    within twice parity's output tolerance: in another framework, whose float32 sums round
+    otherwise, such an image may go either way."""
+    import torch
+
+    from compare.parity import EVAL_TOLERANCE
+    from torch_ref.model import create_model, to_inputs
+
+    config = json.loads((workdir / "config.json").read_text())
+    model = create_model(config["model"], 0.0, config["widths"]).eval()
+    model.load_state_dict(torch.load(workdir / "model.pt", weights_only=True))
+    images = torch.from_numpy(synthetic_mnist(TINY_TRAIN, TINY_TEST).test_images)
+    with torch.no_grad():
+        best, second = np.sort(model(to_inputs(images)).numpy(), -1)[:, :-3:-1].T
+    return int(np.sum(best - second <= 2 * EVAL_TOLERANCE))
+
+
 @pytest.mark.parametrize("name, recipe, model", [("flax-fast", "fast", "widenet"),
                                                  ("torch-tinynet", "tinynet", "tinynet")])
 def test_a_recipes_workdir_records_its_network_and_is_evaluated_as_its_training_scored_it(
@@ -193,8 +213,11 @@ def test_a_recipes_workdir_records_its_network_and_is_evaluated_as_its_training_
     workdir = shutil.copytree(tiny_runs[name][0], tmp_path / "run")
     recorded = json.loads((workdir / "config.json").read_text())
     assert (recorded["recipe"], recorded["model"]) == (recipe, model)
-    assert evaluated(workdir, capsys) == round(tiny_runs[name][1][-1]["test_accuracy"]
-                                               * TINY_TEST)
+    scored = round(tiny_runs[name][1][-1]["test_accuracy"] * TINY_TEST)
+    # Flax's workdir: the training's own evaluation program, the same bits. torch's: its weights
+    # scored in Flax, exactly but for the images on a near-tie.
+    allowed = torch_near_ties(workdir) if name.startswith("torch") else 0
+    assert abs(evaluated(workdir, capsys) - scored) <= allowed
 
 
 def test_a_torch_workdir_is_evaluated_through_the_weight_conversion_only(tiny_runs, tmp_path,

@@ -65,6 +65,7 @@ def test_short_run_writes_its_workdir(tiny_idx_source, tmp_path, capsys):
 def test_rotation_by_90_degrees_is_a_counter_clockwise_quarter_turn():
     image = torch.rand(1, 1, 28, 28)
     rotated = rotate(image, torch.tensor([90.0]))
+    # (float32's cos(90 degrees) is not 0: each pixel reads 1e-6 of a pixel off)
     np.testing.assert_allclose(rotated[0, 0].numpy(), np.rot90(image[0, 0].numpy()), atol=1e-5)
 
 
@@ -79,6 +80,7 @@ def test_rotation_by_a_small_angle_moves_a_point_where_geometry_says():
     expected = (14 - 10 * np.sin(np.pi / 6), 14 + 10 * np.cos(np.pi / 6))
     # (bilinear resampling of a single pixel moves its centre of mass by a few hundredths)
     np.testing.assert_allclose([float(c) for c in centre], expected, atol=0.15)
+    # At 0 degrees each pixel reads itself, with weights 1 and 0 up to float32's rounding.
     torch.testing.assert_close(rotate(image, torch.tensor([0.0])), image, atol=1e-6, rtol=0)
 
 

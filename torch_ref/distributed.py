@@ -200,11 +200,13 @@ def distribute(model: nn.Module, group: Group, device: torch.device) -> nn.Modul
 
 
 def leave(exit_code: int) -> int:
-    """Leave the process group; return `exit_code`. A failed run exits at once instead (its
-    peers may be dead: a clean exit could wait on them)."""
+    """Leave the process group; return `exit_code` (a single process) or end the process with
+    it. A failed run exits at once (its peers may be dead: a clean exit could wait on them)."""
     if dist.is_initialized():
-        if exit_code:
-            exit_at_once(exit_code)
-        dist.barrier()  # no rank tears its connections down while another still uses them
-        dist.destroy_process_group()
+        if not exit_code:
+            dist.barrier()  # no rank tears its connections down while another still uses them
+            dist.destroy_process_group()
+        # Not through the interpreter's finalization either: gloo's threads torn down there
+        # have aborted finished ranks ("terminate called without an active exception", SIGABRT).
+        exit_at_once(exit_code)
     return exit_code

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flax_impl.common.data import normalize
-from flax_impl.common.models import MODELS, model_widths
+from flax_impl.common.models import MODELS, NET_LAYOUT, conv_layers, model_spec, model_widths
 
 
 def to_inputs(images: torch.Tensor, augment: Callable | None = None,
@@ -28,11 +28,13 @@ def to_inputs(images: torch.Tensor, augment: Callable | None = None,
 
 
 class ConvBlock(nn.Module):
-    """3x3 convolution (no bias) -> BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
+    """Convolution (no bias; 3x3 or 1x1, depthwise where `groups` is the input's channels) ->
+    BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float,
+                 kernel_size: int = 3, groups: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.dropout = nn.Dropout2d(dropout)
 
@@ -41,28 +43,29 @@ class ConvBlock(nn.Module):
 
 
 class Net(nn.Module):
-    """Our sub-20k CNN: six 3x3 conv blocks, one max-pool, global average pooling, a linear head.
+    """Our sub-20k CNN: the conv blocks and max-pools of `layout` (the model table,
+    `flax_impl.common.models`), global average pooling, a linear head.
 
-    Spatial sizes 28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22.
-    `widths`: the blocks' channels; TinyNet and WideNet are the same network, narrower and wider
-    (the model table, `flax_impl.common.models`).
+    `Net`'s own layout: six 3x3 conv blocks and one max-pool, spatial sizes 28 -> 26 -> 24 ->
+    (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22. `widths`: the blocks'
+    channels; TinyNet and WideNet are the same network, narrower and wider.
     """
 
-    def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths):
+    def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths,
+                 layout: tuple[str, ...] = NET_LAYOUT):
         super().__init__()
-        w1, w2, w3, w4, w5, w6 = widths
-        self.block1 = ConvBlock(1, w1, dropout)
-        self.block2 = ConvBlock(w1, w2, dropout)
-        self.block3 = ConvBlock(w2, w3, dropout)
-        self.block4 = ConvBlock(w3, w4, dropout)
-        self.block5 = ConvBlock(w4, w5, dropout)
-        self.block6 = ConvBlock(w5, w6, 0.0)
-        self.head = nn.Linear(w6, 10)
+        plan = conv_layers(layout, widths)
+        for layer in plan:
+            if layer != "M":
+                self.add_module(layer.name, ConvBlock(
+                    layer.in_features, layer.features, dropout if layer.dropout else 0.0,
+                    layer.kernel_size, layer.groups))
+        self.head = nn.Linear([layer for layer in plan if layer != "M"][-1].features, 10)
+        self.plan = ["M" if layer == "M" else layer.name for layer in plan]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block2(self.block1(x))
-        x = F.max_pool2d(x, 2)
-        x = self.block6(self.block5(self.block4(self.block3(x))))
+        for layer in self.plan:
+            x = F.max_pool2d(x, 2) if layer == "M" else getattr(self, layer)(x)
         x = x.mean(dim=(2, 3))
         return F.log_softmax(self.head(x), dim=1)
 
@@ -70,4 +73,4 @@ class Net(nn.Module):
 def create_model(name: str, dropout: float = 0.05, widths: tuple[int, ...] | None = None) -> Net:
     """A fresh model `name` of the table (`flax_impl.common.models`) at `widths` (default: its
     own)."""
-    return Net(dropout, model_widths(name, widths))
+    return Net(dropout, model_widths(name, widths), model_spec(name).layout)

@@ -60,6 +60,7 @@ class Run:
     steps_per_epoch: int
     train_data: tuple[torch.Tensor, torch.Tensor]  # uint8 images, int64 labels, on `device`
     eval_data: tuple[torch.Tensor, torch.Tensor]  # the test set, or the validation split
+    identity: str  # the config's `workdirs.run_identity`: whose checkpoints these are
 
 
 def create_run(config: Config, data: Mnist, device: str = "auto", group: Group = SINGLE) -> Run:
@@ -85,7 +86,8 @@ def create_run(config: Config, data: Mnist, device: str = "auto", group: Group =
 
     return Run(model, train_model, optimizer, scheduler, generator, device, group, steps,
                train_data=on_device(data.train_images[:count], data.train_labels[:count]),
-               eval_data=on_device(*config.evaluation_set(data)))
+               eval_data=on_device(*config.evaluation_set(data)),
+               identity=workdirs.run_identity(config))
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -103,7 +105,7 @@ def save_checkpoint(path: Path, run: Run, history: list[dict]) -> None:
         return
     atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scheduler": run.scheduler.state_dict(), "generator": run.generator.get_state(),
-                 "torch_rng": torch_rngs[0], "history": history,
+                 "torch_rng": torch_rngs[0], "history": history, "run": run.identity,
                  **({"torch_rngs": torch_rngs} if run.group.world_size > 1 else {}),
                  **({"cuda_rng": cuda_rngs[0]} if run.device.type == "cuda" else {}),
                  **({"cuda_rngs": cuda_rngs}
@@ -116,8 +118,9 @@ def rank_state(state: dict, name: str, rank: int) -> torch.Tensor | None:
     return per_rank[rank] if rank < len(per_rank) else None
 
 
-def restore_checkpoint(path: Path, run: Run) -> list[dict] | None:
-    """Load `path` into `run` (None if there is none); the finished epochs' records.
+def restore_checkpoint(path: Path, run: Run) -> tuple[list[dict], str | None] | None:
+    """Load `path` into `run` (None if there is none); the finished epochs' records and the
+    identity of the run that saved it.
 
     `weights_only=True`: a checkpoint from elsewhere cannot run code.
     """
@@ -141,7 +144,7 @@ def restore_checkpoint(path: Path, run: Run) -> list[dict] | None:
     except Exception as error:  # torch raises many kinds for damaged or foreign files
         raise errors.WorkdirError(f"checkpoint {path} is corrupt or not this run's "
                                   f"({errors.first_line(error)}); delete it or --overwrite") from None
-    return history
+    return history, state.get("run")
 
 
 def restore_state_dict(workdir: str | Path) -> dict:
@@ -236,13 +239,15 @@ def score(run: Run, batch_size: int) -> tuple[float, int]:
 
 def resume_point(checkpoint: Path | None, run: Run, epochs: int) -> list[dict]:
     """The finished epochs' records of `checkpoint` (loaded into `run`); without one, []."""
-    history = restore_checkpoint(checkpoint, run) if checkpoint else None
-    if history is None:
+    restored = restore_checkpoint(checkpoint, run) if checkpoint else None
+    if restored is None:
         print(f"--resume: no checkpoint at {checkpoint}; starting a fresh run")
         return []
+    history, identity = restored
     if len(history) > epochs:
         raise errors.WorkdirError(f"--resume: {checkpoint} has {len(history)} finished epochs, "
                                   f"more than this run's {epochs}; --overwrite to start afresh")
+    workdirs.check_identity(identity, run.identity, f"--resume: {checkpoint}")
     print(f"Resumed from {checkpoint} after epoch {len(history)}")
     return history
 

@@ -112,6 +112,9 @@ RECIPES: dict[str, dict] = {
     # rate.
     "fast": {"model": "widenet", "epochs": 3, "lr": 0.4, "dropout": 0.0,
              "label_smoothing": 0.1},
+    # SepNet, under 5,000 parameters: TinyNet's recipe (chosen on the validation split,
+    # docs/recipes.md).
+    "sepnet": {"model": "sepnet", "dropout": 0.0},
 }
 
 
@@ -127,7 +130,7 @@ def recipe_config(recipe: str = "default", **overrides) -> Config:
 
 def validate(config: Config) -> Config:
     """Raise ConfigError for values no run can use; return `config` unchanged."""
-    model_widths(config.model, config.widths)  # a known model, and six positive widths
+    model_widths(config.model, config.widths)  # a known model, and its number of widths
     if config.api not in API_CHOICES:
         raise ConfigError(f"--api must be one of {', '.join(API_CHOICES)}, got {config.api!r}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -207,8 +210,9 @@ def build_parser(prog: str, description: str, framework: str = "torch"
                             help=f"{help} (default recipe: {shown})".strip(), **kwargs)
 
     recipe_flag("--model", "network to train (flax_impl/common/models.py)", choices=MODELS)
-    parser.add_argument("--widths", type=parse_widths, default=None, metavar="W1,...,W6",
-                        help="the six conv blocks' channels, e.g. 8,10,12,12,14,14 (default: "
+    parser.add_argument("--widths", type=parse_widths, default=None, metavar="W1,W2,...",
+                        help="the channels of the model's conv blocks, e.g. 8,10,12,12,14,14 for "
+                             "net (default: "
                              "the model's own, flax_impl/common/models.py)")
     recipe_flag("--epochs", type=int)
     recipe_flag("--batch-size", type=int)

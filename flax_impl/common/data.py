@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import pickle
 import socket
@@ -280,7 +281,7 @@ def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
     shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
-    expected_size = header + int(np.prod(shape))
+    expected_size = header + math.prod(shape)  # Python ints: numpy's product can wrap to 0
     if len(raw) != expected_size:
         raise DataError(
             f"{path}: IDX header says shape {list(shape)} ({expected_size} bytes) "

@@ -7,30 +7,48 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import NamedTuple
 
 from flax_impl.common.errors import ConfigError
 
 PARAMETER_LIMIT = 20_000  # the project's budget
+MAX_WIDTH = 1024  # channels a block may have (--widths)
+
+
+# A network's layers in order, as torchvision's VGG configurations list them: "3" a 3x3 conv block
+# and "1" a 1x1 one (each takes the next of the widths), "d" a depthwise 3x3 conv block (one 3x3
+# filter per channel: its width is its input's), "M" a 2x2 max-pool. Global average pooling and
+# the linear head follow.
+NET_LAYOUT = ("3", "3", "M", "3", "3", "3", "3")
+LAYERS = ("3", "1", "d", "M")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A network of the table: `Net` (six 3x3 conv blocks, one max-pool, global average pooling,
-    a linear head) at `widths`, the six blocks' channels; `budget`: the parameter count it must
-    stay under."""
+    """A network of the table: `Net` built from `layout` (NET_LAYOUT: six 3x3 conv blocks and
+    one max-pool) at `widths`, the channels of its "3" and "1" blocks, in order; `budget`: the
+    parameter count it must stay under."""
 
     widths: tuple[int, ...]
     budget: int = PARAMETER_LIMIT
+    layout: tuple[str, ...] = NET_LAYOUT
+
+    @property
+    def num_widths(self) -> int:
+        """How many widths the layout takes (its "3" and "1" blocks)."""
+        return sum(layer in "31" for layer in self.layout)
 
 
 MODELS: dict[str, ModelSpec] = {
     "net": ModelSpec((10, 16, 16, 16, 24, 32)),  # the default recipe's
     "tinynet": ModelSpec((8, 10, 12, 12, 14, 14), 7_000),
     "widenet": ModelSpec((10, 16, 20, 20, 24, 32)),  # the fast recipe's
+    # Depthwise-separable blocks (a 3x3 filter per channel, then a 1x1 mix) after a 3x3 stem.
+    "sepnet": ModelSpec((8, 16, 20, 20, 24, 28, 28), 5_000,
+                        ("3", "d", "1", "d", "1", "M", "d", "1", "d", "1", "d", "1", "d", "1")),
 }
 # The seed README's network (`compare.seednet`): seven 3x3 convs, the first six of these widths.
 SEEDNET_WIDTHS = (32, 64, 128, 256, 512, 1024)
-NUM_WIDTHS = 6
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -46,10 +64,41 @@ def model_widths(name: str, widths: tuple[int, ...] | None = None) -> tuple[int,
     if widths is None:
         return spec.widths
     widths = tuple(widths)
-    if len(widths) != NUM_WIDTHS or not all(isinstance(w, int) and w > 0 for w in widths):
-        raise ConfigError(f"--widths needs {NUM_WIDTHS} positive integers (e.g. "
+    if len(widths) != spec.num_widths or not all(isinstance(w, int) and w > 0 for w in widths):
+        raise ConfigError(f"--widths needs {spec.num_widths} positive integers for {name} (e.g. "
                           f"{','.join(map(str, spec.widths))}), got {','.join(map(str, widths))}")
+    if max(widths) > MAX_WIDTH:  # (100,000 channels would ask for hundreds of GB)
+        raise ConfigError(f"--widths: at most {MAX_WIDTH} channels a block, got {max(widths)}")
     return widths
+
+
+class ConvLayer(NamedTuple):
+    """One conv block of a layout: conv (no bias) -> BatchNorm -> ReLU -> channel dropout."""
+
+    name: str  # block1, block2, ...: the same in every port
+    in_features: int
+    features: int
+    kernel_size: int  # 3 or 1
+    groups: int  # in_features for a depthwise block, else 1
+    dropout: bool  # every block but the last drops channels
+
+
+def conv_layers(layout: tuple[str, ...], widths: tuple[int, ...]) -> list[ConvLayer | str]:
+    """The layers of `layout` (NET_LAYOUT's tokens) at `widths`, in order: a ConvLayer per conv
+    block, "M" for a max-pool. Every port builds its network from this list."""
+    plan: list[ConvLayer | str] = []
+    widths, in_features = iter(widths), 1
+    for layer in layout:
+        if layer == "M":
+            plan.append("M")
+            continue
+        features = in_features if layer == "d" else next(widths)
+        plan.append(ConvLayer(f"block{len(plan) - plan.count('M') + 1}", in_features, features,
+                              1 if layer == "1" else 3, in_features if layer == "d" else 1, True))
+        in_features = features
+    last = max(i for i, layer in enumerate(plan) if layer != "M")
+    plan[last] = plan[last]._replace(dropout=False)
+    return plan
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -58,5 +107,5 @@ def parse_widths(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"takes {NUM_WIDTHS} comma-separated integers, e.g. "
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers, e.g. "
                                          f"8,10,12,12,14,14; got {text!r}") from None

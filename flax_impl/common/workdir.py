@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -232,6 +233,20 @@ def load_config(workdir: str | Path) -> Config:
                            f"build ({error}); train again with --workdir") from None
 
 
+def run_identity(config: Config) -> str:
+    """What a checkpoint says of the run that wrote it: a hash of the config that trained it."""
+    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+
+
+def check_identity(saved, identity: str, where: str) -> None:
+    """WorkdirError unless `saved` (a checkpoint's identity) is this run's `identity`: a
+    checkpoint of another config (config.json edited since) or of another run is not resumed."""
+    if saved != identity:
+        raise WorkdirError(f"{where} was trained by another config than this run's (config.json "
+                           f"edited, or the checkpoint taken from another run); --overwrite to "
+                           f"start afresh")
+
+
 def checked_history(history, where: str) -> list[dict]:
     """`history` (a checkpoint's records of its finished epochs, read back) if it is a list of
     records of epochs 1, 2, ... with finite numbers; WorkdirError naming `where` otherwise."""
@@ -247,9 +262,9 @@ def checked_history(history, where: str) -> list[dict]:
 
 
 def checked_progress(progress, where: str) -> dict:
-    """A Flax checkpoint's progress (epoch, step, loss_sum, history), read back, if whole and
-    consistent; WorkdirError naming `where` otherwise (before anything uses it)."""
-    fields = {"epoch": int, "step": int, "loss_sum": int | float, "history": list}
+    """A Flax checkpoint's progress (epoch, step, loss_sum, history, run), read back, if whole
+    and consistent; WorkdirError naming `where` otherwise (before anything uses it)."""
+    fields = {"epoch": int, "step": int, "loss_sum": int | float, "history": list, "run": str}
     valid = (isinstance(progress, dict) and progress.keys() == fields.keys()
              and all(isinstance(progress[k], t) and not isinstance(progress[k], bool)
                      for k, t in fields.items())

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import threading
 
@@ -145,6 +146,13 @@ def start(args: argparse.Namespace) -> str | None:
     """Join the multi-process run the flags of `add_flags` ask for (nothing for a single
     process); this process's name in the run ("process 0 of 2"), None for a single one."""
     initialize(cluster_from_args(args))
+    try:
+        jax.devices()  # the backend starts here
+    except (RuntimeError, AssertionError) as error:  # jax 0.10 asserts when none can start
+        asked = os.environ.get("JAX_PLATFORMS", "")
+        raise ConfigError(f"JAX cannot start a device (JAX_PLATFORMS={asked!r}: "
+                          f"{first_line(error) or type(error).__name__}); unset JAX_PLATFORMS, "
+                          f"or install jax for that device (e.g. jax[cuda12])") from None
     return describe()
 
 

@@ -108,6 +108,17 @@ def _conv_valid_bwd(im2col_channels, residuals, grad_out):
 conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
 
 
+def depthwise_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 'VALID' depthwise convolution of NHWC `x` with an (H, W, 1, C) `kernel`: the sum
+    of the shifted inputs, each times its tap's per-channel weights. XLA:CPU's grouped
+    convolution is slower than the full convolution it replaces; these multiply-adds (and their
+    gradients, by autodiff) are fast."""
+    height, width = kernel.shape[:2]
+    out_h, out_w = x.shape[1] - height + 1, x.shape[2] - width + 1
+    return sum(x[:, i:i + out_h, j:j + out_w, :] * kernel[i, j, 0]
+               for i in range(height) for j in range(width))
+
+
 def _explicit_padding(padding, kernel_shape) -> tuple[tuple[int, int], ...] | None:
     """`padding` as ((top, bottom), (left, right)), or None if it is not one we handle."""
     if isinstance(padding, str):
@@ -138,8 +149,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             and all(s == 1 for s in window_strides)
             and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and all(d == 1 for d in (rhs_dilation or (1, 1)))
-            and feature_group_count == 1 and batch_group_count == 1
-            and preferred_element_type is None and not options)
+            and batch_group_count == 1 and preferred_element_type is None and not options)
+    depthwise = feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1
+    fast = fast and (feature_group_count == 1 or depthwise)
     if not fast:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
@@ -147,4 +159,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         **options)
     if any(p for pair in explicit for p in pair):
         lhs = jnp.pad(lhs, ((0, 0), *explicit, (0, 0)))
+    if feature_group_count > 1:
+        return depthwise_valid(lhs, rhs)
     return conv_valid(lhs, rhs, im2col_channels)
