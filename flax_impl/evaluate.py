@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_impl.common.atomic import atomic_write
-from flax_impl.common.config import OneLineParser
+from flax_impl.common.config import OneLineParser, workdir_path
 from flax_impl.common.data import load_mnist
 from flax_impl.common.errors import WorkdirError, run_command
 from flax_impl.common.report import quiet_library_logs
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None, readers: dict[str, WorkdirReader] | None
     parser.add_argument("--workdir", required=True, type=Path, help="a training workdir")
     parser.add_argument("--data-source", default=None,
                         help="default: the source the model was trained with")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=workdir_path, default=None,
                         help="where the pictures go (default: the workdir)")
     args = parser.parse_args(argv)
     use_compilation_cache()

@@ -34,7 +34,7 @@ from flax_impl.extras import distributed
 from flax_impl.extras.compile_cache import use_compilation_cache
 from flax_impl.extras.kernels import Kernels, get_kernels
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = workdirs.CHECKPOINT_DIR
 
 
 def create_port(config: Config, total_steps: int, kernels: Kernels) -> core.Port:
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             train(config, args.workdir, args.resume, args.overwrite, args.steps_per_call,
                   kernels=args.kernels)
 
-    with SignalWatch("; the last checkpoint is kept: continue with --resume"):
+    kept = "; the last checkpoint is kept: continue with --resume" if args.workdir else ""
+    with SignalWatch(kept):
         return distributed.leave(errors.run_command(body))
 
 

@@ -400,3 +400,70 @@ def test_two_processes_started_with_other_flags_both_refuse_in_one_line():
     finally:
         for process in processes:
             process.kill()
+
+
+HUGE_WIDTHS = ",".join(["100000"] * 6)
+# Every command, through inputs a hostile or careless user gives: (module, argv, exit status,
+# what its one line says). `{tmp}` is a fresh directory holding model.pt (a torch Net).
+HOSTILE = [
+    *[(module, ["--no-such-flag"], 2, "error: ")  # (or: a required argument is missing)
+      for module in ("flax_impl.train", "torch_ref.train", "flax_impl.predict",
+                     "flax_impl.evaluate", "compare.evaluate", "compare.predict",
+                     "compare.params", "compare.parity", "compare.accuracy", "compare.speed",
+                     "compare.sweep", "compare.gpu_check", "compare.convert")],
+    ("flax_impl.train", ["--widths", HUGE_WIDTHS], 2, "at most 1024 channels"),
+    ("torch_ref.train", ["--widths", HUGE_WIDTHS], 2, "at most 1024 channels"),
+    ("compare.params", ["--widths", HUGE_WIDTHS], 2, "at most 1024 channels"),
+    ("flax_impl.evaluate", ["--workdir", "/proc/self"], 2, "/proc/self"),
+    ("flax_impl.predict", ["--workdir", "/dev/null", "x.png"], 2, "error: "),
+    ("compare.convert", ["{tmp}/model.pt", "{tmp}/model.pt"], 2, "this command's input"),
+    ("compare.convert", ["{tmp}/model.pt", "/proc/self/out.npz"], 2, "takes no new files"),
+    ("compare.convert", ["{tmp}/model.pt", "{tmp}"], 2, "is a directory"),
+    ("compare.sweep", ["--out", "/proc/self/sweep.txt"], 2, "takes no new files"),
+    ("compare.accuracy", ["--results", "{tmp}/none"], 2, "no results"),
+    ("flax_impl.train", ["--overwrite"], 2, "give --workdir"),
+    ("flax_impl.evaluate", ["--workdir", "{tmp}", "--out", ""], 2, "is empty"),
+    ("torch_ref.train", ["--overwrite"], 2, "give --workdir"),
+]
+
+
+@pytest.mark.parametrize("module, argv, status, said", HOSTILE,
+                         ids=[f"{m.split('.')[-1]}-{' '.join(a)[:30]}" for m, a, *_ in HOSTILE])
+def test_every_command_answers_a_hostile_input_in_one_line(module, argv, status, said, tmp_path,
+                                                           capsys):
+    import importlib
+
+    import torch
+
+    from compare.convert import torch_model
+
+    torch.save(torch_model("net").state_dict(), tmp_path / "model.pt")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    try:
+        code = importlib.import_module(module).main(argv)
+    except SystemExit as exit:  # the parsers' errors
+        code = exit.code
+    lines = messages(capsys.readouterr().err)
+    assert code == status and len(lines) == 1 and said in lines[0], (code, lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("framework", ["flax_impl.train", "torch_ref.train"])
+def test_a_workdir_that_takes_no_files_is_one_line(framework, tiny_idx_source, capsys):
+    import importlib
+
+    argv = ["--data-source", tiny_idx_source, "--epochs", "3", "--batch-size", "64",
+            "--workdir", "/proc/self"]
+    assert importlib.import_module(framework).main(argv) == 2
+    said = messages(capsys.readouterr().err)
+    assert said == ["error: /proc/self/config.json: the directory takes no new files; choose a "
+                    "directory you can write to (or make it writable)"]
+
+
+@pytest.mark.slow
+def test_a_platform_jax_cannot_start_is_one_line():
+    result = run("flax_impl.train", "--epochs", "1", env={"JAX_PLATFORMS": "cuda"})
+    if result.returncode == 0:  # a machine with a GPU and jax[cuda]
+        pytest.skip("this machine has the device JAX_PLATFORMS names")
+    assert one_line(result, 2).startswith("error: JAX cannot start a device (JAX_PLATFORMS='cuda'")

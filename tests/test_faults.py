@@ -352,6 +352,19 @@ def test_resume_refuses_a_step_folder_that_links_to_another_runs(straight, tiny_
                     f"run's own checkpoint: remove it, or --overwrite"]
 
 
+def test_resume_with_a_file_for_the_checkpoints_is_refused_before_training(
+        straight, tiny_idx_source, tmp_path, capsys):
+    workdir = copy_run(straight["flax"], tmp_path)
+    shutil.rmtree(workdir / "checkpoints")
+    (workdir / "checkpoints").write_text("")
+    before = listing(workdir)
+    assert flax_train.main(run_args("flax", tiny_idx_source, workdir, "--resume")) == 2
+    assert messages(capsys.readouterr().err) == [
+        f"error: --resume: {workdir / 'checkpoints'} is not a directory; move it away, or "
+        f"--overwrite"]
+    assert listing(workdir) == before
+
+
 def save_a_tinynet_checkpoint(framework: str, workdir: Path) -> None:
     """Replace the checkpoint of `workdir` (a Net run) by one of TinyNet after epoch 1."""
     from dataclasses import replace

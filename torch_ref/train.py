@@ -8,7 +8,6 @@ the gradients). `train_loop` runs the epochs: train steps, an evaluation, a chec
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import time
 from contextlib import nullcontext
@@ -21,7 +20,13 @@ from flax_impl.common import workdir as workdirs
 from flax_impl.common.atomic import atomic_write
 from flax_impl.common.config import Config, build_parser, check_same_flags, config_from_args, flags_record
 from flax_impl.common.data import Mnist, load_mnist
-from flax_impl.common.report import epoch_bar, printing, record_epoch, summary_line
+from flax_impl.common.report import (
+    epoch_bar,
+    printing,
+    quiet_library_logs,
+    record_epoch,
+    summary_line,
+)
 from flax_impl.common.signals import SignalWatch
 from torch_ref import core, distributed
 from torch_ref.distributed import SINGLE, Group
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="under torchrun: how long to wait for all ranks to join, and for "
                              "each collective")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_library_logs()
     group = SINGLE
 
     def body():
@@ -276,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             check_same_flags(group.gather(flags_record(config, args)))
             train(config, args.workdir, args.resume, args.overwrite, args.device, group)
 
-    with SignalWatch("; the last epoch's checkpoint is kept: continue with --resume"):
+    kept = "; the last epoch's checkpoint is kept: continue with --resume" if args.workdir else ""
+    with SignalWatch(kept):
         return distributed.leave(errors.run_command(body))
 
 

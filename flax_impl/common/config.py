@@ -254,6 +254,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """The validated Config the parsed flags describe: the recipe, then the flags given."""
     if getattr(args, "resume", False) and args.workdir is None:
         raise ConfigError("--resume continues the run in --workdir: give --workdir")
+    if getattr(args, "overwrite", False) and args.workdir is None:
+        raise ConfigError("--overwrite replaces the run in --workdir: give --workdir")
     fields = {f.name for f in dataclasses.fields(Config)} - {"recipe"}
     given = {k: v for k, v in vars(args).items() if k in fields}
     return validate(recipe_config(args.recipe, **given))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 
 from tqdm import tqdm
 
@@ -68,9 +69,23 @@ def printing(enabled: bool):
         yield
 
 
+class _Stdout(logging.StreamHandler):
+    """A handler writing to whatever `sys.stdout` is when a record comes (`printing` may have
+    silenced it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stdout)
+        super().emit(record)
+
+
 def quiet_library_logs() -> None:
-    """The commands' logging: our lines as they are; the libraries' warnings and errors only
+    """The commands' logging: our lines as they are, information on stdout with the rest of the
+    run's report (stderr holds an error's one line); the libraries' warnings and errors only
     (absl's errors only: Orbax notes there that a read-only checkpoint is read only)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    information = _Stdout()
+    information.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler()
+    problems.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[information, problems])
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.ERROR if noisy == "absl" else logging.WARNING)

@@ -26,6 +26,7 @@ from flax_impl.common.report import SPLIT_NAMES, eval_split
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"  # Flax's Orbax checkpoints
 # What a run leaves in its workdir besides config.json, either framework's: a fresh run removes
 # them all, so that nothing of an earlier run is read as its own.
 RUN_OUTPUTS = (METRICS_FILE, "curves.png", "checkpoints", "checkpoint.pt", "model.pt",
@@ -185,6 +186,10 @@ def check_workdir(workdir: Path, config: Config, framework: str, resume: bool,
             f"--resume: {workdir} holds a run with a different config ({', '.join(changed)}); "
             f"use the same flags or --overwrite"
         )
+    if framework == "flax" and (workdir / CHECKPOINT_DIR).exists() and \
+            not (workdir / CHECKPOINT_DIR).is_dir():  # said now, not after an epoch's training
+        raise WorkdirError(f"--resume: {workdir / CHECKPOINT_DIR} is not a directory; move it "
+                           f"away, or --overwrite")
     return False
 
 
