@@ -20,7 +20,6 @@ MAX_WIDTH = 1024  # channels a block may have (--widths)
 # filter per channel: its width is its input's), "M" a 2x2 max-pool. Global average pooling and
 # the linear head follow.
 NET_LAYOUT = ("3", "3", "M", "3", "3", "3", "3")
-LAYERS = ("3", "1", "d", "M")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +86,15 @@ def conv_layers(layout: tuple[str, ...], widths: tuple[int, ...]) -> list[ConvLa
     """The layers of `layout` (NET_LAYOUT's tokens) at `widths`, in order: a ConvLayer per conv
     block, "M" for a max-pool. Every port builds its network from this list."""
     plan: list[ConvLayer | str] = []
-    widths, in_features = iter(widths), 1
+    widths, in_features, number = iter(widths), 1, 0
     for layer in layout:
         if layer == "M":
             plan.append("M")
             continue
+        number += 1
         features = in_features if layer == "d" else next(widths)
-        plan.append(ConvLayer(f"block{len(plan) - plan.count('M') + 1}", in_features, features,
-                              1 if layer == "1" else 3, in_features if layer == "d" else 1, True))
+        plan.append(ConvLayer(f"block{number}", in_features, features, 1 if layer == "1" else 3,
+                              in_features if layer == "d" else 1, dropout=True))
         in_features = features
     last = max(i for i, layer in enumerate(plan) if layer != "M")
     plan[last] = plan[last]._replace(dropout=False)
