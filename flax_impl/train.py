@@ -162,9 +162,9 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
             with epoch_bar(epoch, config.epochs, steps, first, disable=not distributed.is_primary()) as bar:
                 for start in range(first, steps, steps_per_call):
                     # All processes agree (a collective) to stop at the same chunk.
-                    if distributed.any_process(stop.signal is not None):
+                    if (signum := distributed.any_signal(stop.signal)) is not None:
                         save_checkpoint(manager, (epoch - 1) * steps + start, state, progress)
-                        raise stopped(stop.signal, manager, progress)
+                        raise stopped(signum, manager, progress)
                     end = min(start + steps_per_call, steps)
                     state, metrics = train_chunk(state, *train_data, indices[start:end],
                                                  keys[start:end])
@@ -183,8 +183,8 @@ def train_loop(config: Config, state, train_chunk: Callable, evaluate: Callable,
             progress = dataclasses.replace(progress, epoch=epoch + 1, step=0, loss_sum=0.0)
             save_checkpoint(manager, epoch * steps, state, progress)
             epoch_files.write(progress.history)
-            if distributed.any_process(stop.signal is not None):  # (during the evaluation)
-                raise stopped(stop.signal, manager, progress)
+            if (signum := distributed.any_signal(stop.signal)) is not None:  # (in evaluation)
+                raise stopped(signum, manager, progress)
     return progress.history
 
 
@@ -208,14 +208,14 @@ def resume_point(manager: ocp.CheckpointManager, state, fresh: Progress, config:
     return state, progress
 
 
-def stopped(signum: int | None, manager, progress: Progress) -> Exception:
-    """The TrainingStopped of a signal (a process that got none: SIGTERM's), once saved."""
-    name = signal.Signals(signum or signal.SIGTERM).name
+def stopped(signum: int, manager, progress: Progress) -> Exception:
+    """The TrainingStopped of signal `signum` (the one any process got), once saved."""
+    name = signal.Signals(signum).name
     at = f"at epoch {progress.epoch}, step {progress.step}" if progress.step else \
         f"after epoch {progress.epoch - 1}"
     where = f"saved a checkpoint {at}; continue with --resume" if manager else "nothing saved"
     return errors.TrainingStopped(f"{name}: stopped; {where}", together=True,
-                                  exit_code=128 + (signum or signal.SIGTERM))
+                                  exit_code=128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,7 +275,8 @@ def test_a_damaged_flax_checkpoint_is_one_line_and_the_previous_one_still_resume
     said = messages(capsys.readouterr().err)
     assert len(said) == 1 and said[0].startswith(f"error: checkpoint {latest} is corrupt or "
                                                  f"partial (")
-    assert said[0].endswith("); delete it to use the previous one, or --overwrite")
+    assert said[0].endswith("); delete it to use the previous one, or train afresh (the "
+                            "trainers' --overwrite)")
     shutil.rmtree(latest)  # as the message says
     hook = hook_training("flax")
     assert flax_train.main(args) == 0

@@ -66,9 +66,11 @@ def damaged_checkpoint(path, error: BaseException) -> WorkdirError:
     if any(words in str(error) for words in ("not compatible with the stored shape",
                                              "tree structures do not match")):
         return WorkdirError(f"checkpoint {path} is not one of this run's: its arrays have other "
-                            f"shapes or names ({first_line(error)}); --overwrite to start afresh")
+                            f"shapes or names ({first_line(error)}); train afresh (the trainers' "
+                            f"--overwrite)")
     return WorkdirError(f"checkpoint {path} is corrupt or partial ({first_line(error)}); "
-                        f"delete it to use the previous one, or --overwrite")
+                        f"delete it to use the previous one, or train afresh (the trainers' "
+                        f"--overwrite)")
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

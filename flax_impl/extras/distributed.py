@@ -174,11 +174,12 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process if `flag` is true on any (a collective: all processes call it)."""
+def any_signal(signum: int | None) -> int | None:
+    """The signal a process of the run got (the highest number if several), the same on every
+    process (a collective: all processes call it); None if none got one."""
     if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return signum
+    return int(np.max(multihost_utils.process_allgather(np.int32(signum or 0)))) or None
 
 
 def barrier(name: str) -> None:
