@@ -526,8 +526,8 @@ def main(argv: list[str] | None = None, steps: tuple[Step, ...] | None = None) -
     """Command-line entry point; `steps`: the steps to choose from (default: STEPS)."""
     steps = STEPS if steps is None else steps
     parser = OneLineParser(prog="python -m compare.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # the phases step passes on the rest
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           allow_abbrev=False)  # the phases step passes on the rest
     parser.add_argument("--out", type=Path, help="where the files go (default: "
                         "results/gpu/<card>)")
     parser.add_argument("--mnist-gz", type=Path, help="a gzipped MNIST cache to use")

@@ -648,7 +648,7 @@ def full_float32_precision():
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = OneLineParser(prog="python -m compare.parity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-source", default="auto")
     parser.add_argument("--torch-model", metavar="PATH",
                         help="only check this trained torch model.pt, converted to Flax")

@@ -399,7 +399,7 @@ def report(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = OneLineParser(prog="python -m compare.speed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=390, help="train steps timed per framework")
     parser.add_argument("--steps-per-call", type=int, default=None,
                         help="Flax steps per jitted scan (default: the product's)")

@@ -142,7 +142,7 @@ def summary(paths: list[str], target: float = 99.40) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = OneLineParser(prog="python -m compare.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="the file the result lines are appended to")
     parser.add_argument("--summary", nargs="+", metavar="FILE",
                         help="summarise these result files (runs nothing)")
@@ -167,11 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.parallel <= 0:
         parser.error(f"--parallel must be > 0, got {args.parallel}")
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               JAX_COMPILATION_CACHE_DIR=os.environ.get(
-                   "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_cache_")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    lock = threading.Lock()
     out = Path(args.out)
 
     def append(text: str) -> None:  # the whole file rewritten, through a rename
@@ -183,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as error:
         print(f"error: cannot write {out}: {first_line(error)}", file=sys.stderr)
         return 2
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               JAX_COMPILATION_CACHE_DIR=os.environ.get(
+                   "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_cache_")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    lock = threading.Lock()
 
     def job(name: str, seed: int) -> None:
         line = run(name, seed, VARIANTS[name], args.extra, env)
