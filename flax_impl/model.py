@@ -103,12 +103,11 @@ class ConvBlock(nn.Module):
 
 
 class Net(nn.Module):
-    """Our sub-20k CNN: the conv blocks and max-pools of `layout` (the model table,
+    """Our small CNNs: the conv blocks and max-pools of `layout` at `widths` (the model table,
     `flax_impl.common.models`), global average pooling, a linear head.
 
-    `Net`'s own layout: six 3x3 conv blocks and one max-pool, spatial sizes 28 -> 26 -> 24 ->
-    (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22. `widths`: the channels of the
-    blocks; TinyNet and WideNet are the same network, narrower and wider.
+    `Net`'s own layout (NET_LAYOUT) is six 3x3 conv blocks and one max-pool; TinyNet and WideNet
+    are that network, narrower and wider; SepNet another layout, of depthwise-separable blocks.
     """
 
     dropout: float = 0.05

@@ -62,8 +62,8 @@ class ConvBlock(nnx.Module):
 
 
 class Net(nnx.Module):
-    """Our sub-20k CNN, as `flax_impl.model.Net`: the conv blocks and max-pools of `layout`
-    (the model table), global average pooling, a linear head. `widths`: the blocks' channels."""
+    """Our small CNNs, as `flax_impl.model.Net`: the conv blocks and max-pools of `layout` at
+    `widths` (the model table), global average pooling, a linear head."""
 
     def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths,
                  layout: tuple[str, ...] = NET_LAYOUT, *, rngs: nnx.Rngs,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flax_impl.common.errors import ConfigError
-from flax_impl.common.models import MODELS, PARAMETER_LIMIT, conv_layers
+from flax_impl.common.models import MODELS, PARAMETER_LIMIT, ModelSpec, conv_layers
 from flax_impl.model import BatchNorm, ConvBlock, Net, create_model
 from tests.conftest import normal
 from torch_ref.model import create_model as create_torch_model
@@ -69,6 +69,10 @@ def test_a_layout_is_the_blocks_and_pools_every_port_builds():
     assert create_torch_model("sepnet").block2.conv.groups == 8
     with pytest.raises(ConfigError, match="--widths needs 7 positive integers for sepnet"):
         create_model("sepnet", widths=MODELS["net"].widths)
+    for layout, widths, refused in [(("3", "x"), (4,), "token 'x'"), (("M",), (), "no conv"),
+                                    (("3",) * 14, (4,) * 14, "no pixel"), (("3", "3"), (4,), "2 widths")]:
+        with pytest.raises(ValueError, match=refused):  # a table entry that cannot be built
+            ModelSpec(widths, layout=layout)
 
 
 def test_widths_given_replace_the_tables_in_both_frameworks():

@@ -43,12 +43,11 @@ class ConvBlock(nn.Module):
 
 
 class Net(nn.Module):
-    """Our sub-20k CNN: the conv blocks and max-pools of `layout` (the model table,
+    """Our small CNNs: the conv blocks and max-pools of `layout` at `widths` (the model table,
     `flax_impl.common.models`), global average pooling, a linear head.
 
-    `Net`'s own layout: six 3x3 conv blocks and one max-pool, spatial sizes 28 -> 26 -> 24 ->
-    (pool) 12 -> 10 -> 8 -> 6 -> 4 -> (GAP) 1; receptive field 22. `widths`: the blocks'
-    channels; TinyNet and WideNet are the same network, narrower and wider.
+    `Net`'s own layout (NET_LAYOUT) is six 3x3 conv blocks and one max-pool; TinyNet and WideNet
+    are that network, narrower and wider; SepNet another layout, of depthwise-separable blocks.
     """
 
     def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths,
@@ -61,7 +60,7 @@ class Net(nn.Module):
                     layer.in_features, layer.features, dropout if layer.dropout else 0.0,
                     layer.kernel_size, layer.groups))
         self.head = nn.Linear([layer for layer in plan if layer != "M"][-1].features, 10)
-        self.plan = ["M" if layer == "M" else layer.name for layer in plan]
+        self.plan = tuple("M" if layer == "M" else layer.name for layer in plan)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.plan:

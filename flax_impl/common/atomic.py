@@ -40,8 +40,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
                                   str(path)) from None
         raise type(error)(error.errno, error.strerror, str(path)) from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the group
         with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 hides it from the group
             write(file)
             file.flush()
             os.fsync(file.fileno())

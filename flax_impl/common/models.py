@@ -15,27 +15,39 @@ PARAMETER_LIMIT = 20_000  # the project's budget
 MAX_WIDTH = 1024  # channels a block may have (--widths)
 
 
-# A network's layers in order, as torchvision's VGG configurations list them: "3" a 3x3 conv block
-# and "1" a 1x1 one (each takes the next of the widths), "d" a depthwise 3x3 conv block (one 3x3
-# filter per channel: its width is its input's), "M" a 2x2 max-pool. Global average pooling and
-# the linear head follow.
+# A network's layers in order, one token each: "3" a 3x3 conv block and "1" a 1x1 one (each takes
+# the next of the widths), "d" a depthwise 3x3 conv block (one 3x3 filter per channel: its width
+# is its input's), "M" a 2x2 max-pool. Global average pooling and the linear head follow. `Net`'s:
+# 28x28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4, a receptive field of 22.
 NET_LAYOUT = ("3", "3", "M", "3", "3", "3", "3")
+TOKENS = ("3", "1", "d", "M")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """A network of the table: `Net` built from `layout` (NET_LAYOUT: six 3x3 conv blocks and
-    one max-pool) at `widths`, the channels of its "3" and "1" blocks, in order; `budget`: the
-    parameter count it must stay under."""
+    """A network of the table: `Net` built from `layout` (by default NET_LAYOUT: six 3x3 conv
+    blocks and one max-pool) at `widths`, the channels of its "3" and "1" blocks, in order;
+    `budget`: the parameter count it must stay under."""
 
     widths: tuple[int, ...]
     budget: int = PARAMETER_LIMIT
     layout: tuple[str, ...] = NET_LAYOUT
 
+    def __post_init__(self):
+        size = 28  # a 28x28 image must keep at least one pixel to the head
+        for token in self.layout:
+            if token not in TOKENS:
+                raise ValueError(f"layout token {token!r} is none of {TOKENS}")
+            size = size // 2 if token == "M" else size - 2 * (token != "1")
+        if size < 1 or not any(token != "M" for token in self.layout):
+            raise ValueError(f"layout {self.layout} leaves no conv block or no pixel")
+        if len(self.widths) != self.num_widths:
+            raise ValueError(f"layout {self.layout} takes {self.num_widths} widths")
+
     @property
     def num_widths(self) -> int:
         """How many widths the layout takes (its "3" and "1" blocks)."""
-        return sum(layer in "31" for layer in self.layout)
+        return sum(layer in ("3", "1") for layer in self.layout)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -63,7 +75,7 @@ def model_widths(name: str, widths: tuple[int, ...] | None = None) -> tuple[int,
     if widths is None:
         return spec.widths
     widths = tuple(widths)
-    if len(widths) != spec.num_widths or not all(isinstance(w, int) and w > 0 for w in widths):
+    if len(widths) != spec.num_widths or not all(type(w) is int and w > 0 for w in widths):
         raise ConfigError(f"--widths needs {spec.num_widths} positive integers for {name} (e.g. "
                           f"{','.join(map(str, spec.widths))}), got {','.join(map(str, widths))}")
     if max(widths) > MAX_WIDTH:  # (100,000 channels would ask for hundreds of GB)
@@ -85,6 +97,7 @@ class ConvLayer(NamedTuple):
 def conv_layers(layout: tuple[str, ...], widths: tuple[int, ...]) -> list[ConvLayer | str]:
     """The layers of `layout` (NET_LAYOUT's tokens) at `widths`, in order: a ConvLayer per conv
     block, "M" for a max-pool. Every port builds its network from this list."""
+    ModelSpec(tuple(widths), layout=tuple(layout))  # a layout its widths fit (ValueError)
     plan: list[ConvLayer | str] = []
     widths, in_features, number = iter(widths), 1, 0
     for layer in layout:

@@ -239,8 +239,11 @@ def load_config(workdir: str | Path) -> Config:
 
 
 def run_identity(config: Config) -> str:
-    """What a checkpoint says of the run that wrote it: a hash of the config that trained it."""
-    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+    """What a checkpoint says of the run that wrote it: a hash of the config that trained it
+    (of its fields that differ from the defaults: a field added later changes no hash)."""
+    defaults = dataclasses.asdict(Config())
+    changed = {k: v for k, v in dataclasses.asdict(config).items() if v != defaults[k]}
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_identity(saved, identity: str, where: str) -> None:

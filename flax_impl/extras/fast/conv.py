@@ -13,6 +13,10 @@ convolutions our models use (NHWC/HWIO, stride 1, no dilation, no groups) this m
   (im2col without materialising the patches), in a loop over the taps; for the first layer one
   product with the im2col matrix.
 
+A depthwise convolution (`feature_group_count` = the input's channels, one filter each: XLA:CPU's
+grouped convolution is slower than a full one, docs/recipes.md) is the sum of the shifted inputs
+times their taps' weights, its gradients by autodiff (`depthwise_valid`).
+
 Values and gradients equal `lax.conv_general_dilated`'s to float tolerance (tests/test_fast_conv.py).
 Any other convolution falls back to `lax.conv_general_dilated` unchanged. Plug it into Flax with
 ``nn.Conv(..., conv_general_dilated=conv_general_dilated)``.
@@ -110,9 +114,7 @@ conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
 
 def depthwise_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 'VALID' depthwise convolution of NHWC `x` with an (H, W, 1, C) `kernel`: the sum
-    of the shifted inputs, each times its tap's per-channel weights. XLA:CPU's grouped
-    convolution is slower than the full convolution it replaces; these multiply-adds (and their
-    gradients, by autodiff) are fast."""
+    of the shifted inputs, each times its tap's per-channel weights (gradients by autodiff)."""
     height, width = kernel.shape[:2]
     out_h, out_w = x.shape[1] - height + 1, x.shape[2] - width + 1
     return sum(x[:, i:i + out_h, j:j + out_w, :] * kernel[i, j, 0]
@@ -135,7 +137,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
                          im2col_channels: int = IM2COL_CHANNELS, **options):
-    """`lax.conv_general_dilated` with a fast backward pass for stride-1 NHWC convolutions.
+    """`lax.conv_general_dilated` with a fast backward pass for stride-1 NHWC convolutions,
+    and shifted multiply-adds for depthwise ones.
 
     Inputs with at most `im2col_channels` channels take the im2col path (0 turns it off).
     Other keywords of `lax.conv_general_dilated` (`nnx.Conv` passes `out_sharding`) are passed
