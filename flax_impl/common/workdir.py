@@ -29,7 +29,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"  # Flax's Orbax checkpoints
 # What a run leaves in its workdir besides config.json, either framework's: a fresh run removes
 # them all, so that nothing of an earlier run is read as its own.
-RUN_OUTPUTS = (METRICS_FILE, "curves.png", "checkpoints", "checkpoint.pt", "model.pt",
+RUN_OUTPUTS = (METRICS_FILE, "curves.png", CHECKPOINT_DIR, "checkpoint.pt", "model.pt",
                "confusion.png", "errors.png")
 # Drawing curves.png takes a noticeable part of a short run's epoch: it is redrawn at most this
 # often while a run goes on (metrics.jsonl is rewritten every epoch).

@@ -34,10 +34,15 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 IM2COL_CHANNELS = 3  # an image's channels: up to this many, the first layer's im2col path applies
 
 
+def _shifted(x: jax.Array, height: int, width: int) -> list[jax.Array]:
+    """The taps' shifted views of NHWC `x` (tap-major), each the size of the 'VALID' output."""
+    out_h, out_w = x.shape[1] - height + 1, x.shape[2] - width + 1
+    return [x[:, i:i + out_h, j:j + out_w, :] for i in range(height) for j in range(width)]
+
+
 def _im2col(x: jax.Array, height: int, width: int) -> jax.Array:
     """(B * output pixels, taps * C): each row an output pixel's input window, tap-major."""
-    out_h, out_w = x.shape[1] - height + 1, x.shape[2] - width + 1
-    windows = [x[:, i:i + out_h, j:j + out_w, :] for i in range(height) for j in range(width)]
+    windows = _shifted(x, height, width)
     return jnp.concatenate(windows, axis=-1).reshape(-1, height * width * x.shape[-1])
 
 
@@ -116,9 +121,8 @@ def depthwise_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Stride-1 'VALID' depthwise convolution of NHWC `x` with an (H, W, 1, C) `kernel`: the sum
     of the shifted inputs, each times its tap's per-channel weights (gradients by autodiff)."""
     height, width = kernel.shape[:2]
-    out_h, out_w = x.shape[1] - height + 1, x.shape[2] - width + 1
-    return sum(x[:, i:i + out_h, j:j + out_w, :] * kernel[i, j, 0]
-               for i in range(height) for j in range(width))
+    taps = kernel[:, :, 0].reshape(height * width, -1)
+    return sum(window * tap for window, tap in zip(_shifted(x, height, width), taps, strict=True))
 
 
 def _explicit_padding(padding, kernel_shape) -> tuple[tuple[int, int], ...] | None:
