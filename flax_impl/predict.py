@@ -23,7 +23,7 @@ from flax_impl.common.config import OneLineParser
 from flax_impl.common.errors import DataError, WorkdirError, run_command
 from flax_impl.common.report import quiet_library_logs
 from flax_impl.common.signals import SignalWatch
-from flax_impl.common.workdir import load_config, workdir_record
+from flax_impl.common.workdir import load_config, run_identity, workdir_record
 from flax_impl.extras.compile_cache import use_compilation_cache
 from flax_impl.extras.kernels import STOCK
 from flax_impl.model import create_model, to_inputs
@@ -45,7 +45,7 @@ def restore_variables(workdir: str | Path) -> dict:
                                            save_interval_steps=0, enable_async_checkpointing=False)
     with ocp.CheckpointManager((Path(workdir) / CHECKPOINT_DIR).absolute(),
                                options=options) as manager:
-        restored = restore_checkpoint(manager, target)
+        restored = restore_checkpoint(manager, target, run_identity(config))
     if restored is None:
         raise WorkdirError(f"no checkpoint in {Path(workdir) / CHECKPOINT_DIR}")
     return port.variables(restored[1])

@@ -12,8 +12,8 @@ import functools
 import signal
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +60,19 @@ class Progress:
     run: str = ""
 
 
-def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
-    """Orbax's manager of `workdir/checkpoints`, named by global step, the latest two kept."""
+@contextmanager
+def checkpoint_manager(workdir: Path) -> Iterator[ocp.CheckpointManager]:
+    """Orbax's manager of `workdir/checkpoints`, named by global step, the latest two kept;
+    closed at the end (a failure's error is not replaced by the close's, which repeats it)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-    return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+    manager = ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+    try:
+        yield manager
+    except BaseException:
+        with suppress(Exception):
+            manager.close()
+        raise
+    manager.close()
 
 
 def save_checkpoint(manager: ocp.CheckpointManager | None, step: int, state: Any,
@@ -72,16 +81,19 @@ def save_checkpoint(manager: ocp.CheckpointManager | None, step: int, state: Any
     if manager is None:
         return
     workdirs.check_free_space(manager.directory, sum(x.nbytes for x in jax.tree.leaves(state)))
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        progress=ocp.args.JsonSave(dataclasses.asdict(progress))))
-    manager.wait_until_finished()
+    with errors.checkpoint_io(manager.directory / str(step), saving=True):
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave(dataclasses.asdict(progress))))
+        manager.wait_until_finished()
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, target: Any
+def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, identity: str
                        ) -> tuple[int, Any, Progress] | None:
     """The latest (global step, state, progress), the state restored like `target` (arrays or
-    their shapes, with shardings); None without a checkpoint, WorkdirError if it is damaged."""
+    their shapes, with shardings); None without a checkpoint. WorkdirError if it is damaged or
+    another config's than `identity` (`workdirs.run_identity`), which its progress record,
+    read first, tells before any array is read."""
     for saved in manager.all_steps():  # Orbax would follow a link, and fail to delete it later
         if (folder := Path(manager.directory) / str(saved)).is_symlink():
             raise errors.WorkdirError(f"{folder} is a symbolic link, not this run's own "
@@ -89,13 +101,18 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any
     step = manager.latest_step()
     if step is None:
         return None
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()))
-    except Exception as error:  # orbax/tensorstore raise many kinds for damaged files
-        raise errors.damaged_checkpoint(manager.directory / str(step), error) from None
     where = f"checkpoint {manager.directory / str(step)}"
-    return step, restored.state, Progress(**workdirs.checked_progress(restored.progress, where))
+    progress = restore_items(manager, step, progress=ocp.args.JsonRestore()).progress
+    progress = Progress(**workdirs.checked_progress(progress, where))
+    workdirs.check_identity(progress.run, identity, where)
+    state = restore_items(manager, step, state=ocp.args.StandardRestore(target)).state
+    return step, state, progress
+
+
+def restore_items(manager: ocp.CheckpointManager, step: int, **items) -> Any:
+    """Checkpoint `step`'s `items` (Orbax restore arguments by name); WorkdirError if damaged."""
+    with errors.checkpoint_io(manager.directory / str(step), saving=False):
+        return manager.restore(step, args=ocp.args.Composite(**items))
 
 
 def train(config: Config, workdir: Path | None = None, resume: bool = False,
@@ -192,7 +209,7 @@ def resume_point(manager: ocp.CheckpointManager, state, fresh: Progress, config:
                  steps: int) -> tuple[Any, Progress]:
     """The state (restored like `state`) and progress of the latest checkpoint, if this run's
     config (`fresh.run`) trained it; without one, `state` and `fresh`."""
-    if (restored := restore_checkpoint(manager, state)) is None:
+    if (restored := restore_checkpoint(manager, state, fresh.run)) is None:
         print(f"--resume: no checkpoint in {manager.directory}; starting afresh")
         return state, fresh
     done, state, progress = restored
@@ -201,8 +218,6 @@ def resume_point(manager: ocp.CheckpointManager, state, fresh: Progress, config:
         raise errors.WorkdirError(f"--resume: the checkpoint in {manager.directory} is at step "
                                   f"{done}, which does not fit this run of {total} steps "
                                   f"({steps} per epoch); --overwrite to start afresh")
-    workdirs.check_identity(progress.run, fresh.run, f"--resume: the checkpoint in "
-                                                     f"{manager.directory}")
     print(f"Resumed from {manager.directory}: epoch {progress.epoch}, step "
           f"{progress.step}/{steps}")
     return state, progress

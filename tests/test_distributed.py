@@ -214,6 +214,24 @@ def test_flax_an_unreachable_coordinator_is_one_line(capsys):
     assert said[0].startswith(f"error: cannot reach the coordinator at 127.0.0.1:{port} within 1 s")
 
 
+def test_flax_two_processes_given_process_id_0_are_each_one_line():
+    # Both start together; jax's coordinators could both bind the port (SO_REUSEPORT): one
+    # process 0 is refused at start-up, the other waits for a process 1 that never comes.
+    address = f"127.0.0.1:{free_port()}"
+    with killed_at_exit() as started:
+        processes = started([subprocess.Popen(
+            [sys.executable, "-m", "flax_impl.train", "--coordinator-address", address,
+             "--num-processes", "2", "--process-id", "0", "--distributed-timeout", "3"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)])
+        results = sorted((finish(process) for process in processes), key=lambda r: r.returncode)
+    assert [result.returncode for result in results] == [2, 4], [r.stderr for r in results]
+    refused, waited = (messages(result.stderr) for result in results)
+    assert len(refused) == 1 and refused[0].startswith(
+        f"error: --process-id 0: port {address.split(':')[1]} is taken on this host")
+    assert len(waited) == 1 and waited[0].startswith("error: the processes did not all join")
+
+
 @pytest.mark.slow
 def test_flax_distributed_without_a_cluster_is_one_line():
     clusterless = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
+import functools
+import logging
 import math
 import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 BAD_INPUT_EXIT = 2
@@ -46,23 +46,66 @@ class TrainingStopped(RuntimeError):
         self.together = together
 
 
-def damaged_checkpoint(path, error: BaseException) -> WorkdirError:
-    """The one-line error for a checkpoint that cannot be read. The reader's abandoned work
-    (Orbax's reads completing on a closed event loop) prints tracebacks from other threads for a
-    moment, and from the garbage collector: as the command ends with this error, that work is let
-    finish with stderr silenced, and the hooks that would print it later are too."""
-    sys.unraisablehook = lambda unraisable: None
-    threading.excepthook = lambda args: None
-    sys.stderr.flush()
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
+class _Held(logging.Filter):
+    """A handler's filter that keeps back every record (`records`), or drops it (`drop`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records, self.drop = [], False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.drop:
+            self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def checkpoint_io(path, saving: bool):
+    """Around Orbax's save (`saving`) or restore of checkpoint `path`: a failure becomes one
+    WorkdirError. Orbax works in threads of its own; when one fails, each logs the failure with
+    its traceback, and the work they abandon fails later, on a closed event loop, each printing
+    a traceback (tensorstore's threads, through `sys.unraisablehook`). So the log records and
+    the hooks' reports wait while Orbax works, printed if it succeeds; once it has failed, they
+    are dropped, then and later: the command's line is its last word."""
+    held = [(handler, _Held()) for handler in logging.getLogger().handlers]
+    for handler, hold in held:
+        handler.addFilter(hold)
+    hooks = [(sys, "unraisablehook"), (sys, "excepthook"), (threading, "excepthook")]
+    originals, waiting = [getattr(*hook) for hook in hooks], []
+    for (module, name), original in zip(hooks, originals, strict=True):
+        setattr(module, name, functools.partial(_hold_call, waiting, original))
     try:
-        time.sleep(0.5)
-        gc.collect()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+        yield
+    except Exception as error:  # orbax/tensorstore raise many kinds
+        for _, hold in held:
+            hold.drop = True
+        waiting.append(None)  # (from now on, _hold_call drops)
+        raise failed_checkpoint(path, error, saving) from None
+    for (module, name), original in zip(hooks, originals, strict=True):
+        setattr(module, name, original)
+    for original, args in waiting:
+        original(*args)
+    for handler, hold in held:
+        handler.removeFilter(hold)
+        for record in hold.records:
+            handler.handle(record)
+
+
+def _hold_call(waiting: list, original: Callable, *args) -> None:
+    """A hook's report from another thread, kept in `waiting` (dropped once it ends in None);
+    the main thread's goes to `original` at once."""
+    if threading.current_thread() is threading.main_thread():
+        original(*args)
+    elif not waiting or waiting[-1] is not None:
+        waiting.append((original, args))
+
+
+def failed_checkpoint(path, error: BaseException, saving: bool) -> WorkdirError:
+    """The one-line error for checkpoint `path` that could not be saved or read."""
+    if saving:
+        cause = "the disk is full" if disk_full(error) else first_line(error)
+        return WorkdirError(f"checkpoint {path} could not be saved ({cause}); the last complete "
+                            f"checkpoint is kept: free some space or fix the cause, then --resume")
     if any(words in str(error) for words in ("not compatible with the stored shape",
                                              "tree structures do not match")):
         return WorkdirError(f"checkpoint {path} is not one of this run's: its arrays have other "
@@ -143,7 +186,8 @@ def disk_full(error: BaseException) -> bool:
     for _ in range(10):  # the error and what caused it, a few levels down
         if error is None:
             return False
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) \
+                or "os_error_code='28'" in str(error):  # (tensorstore's words for ENOSPC)
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -29,6 +29,23 @@ def check_resolvable(host: str, flag: str) -> None:
                           f"or address every process can reach") from None
 
 
+def claim_coordinator_port(port: int) -> None:
+    """Claim `port` on this host for this process, until it exits: DistributedError if another
+    process 0 has it. jax's coordinator (gRPC) binds its TCP port with SO_REUSEPORT, so two
+    processes given --process-id 0 would both start one and race for the others; the UDP port
+    of the same number, bound without sharing, lets only one of them start."""
+    claim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        claim.bind(("", port))
+    except OSError as error:
+        claim.close()
+        raise DistributedError(f"--process-id 0: port {port} is taken on this host ({error}): "
+                               f"another process 0 of this run, or another program, holds it; "
+                               f"give each process its own --process-id, or another "
+                               f"--coordinator-address port") from None
+    claim.detach()  # the descriptor stays open, and the port claimed, until the process exits
+
+
 def wait_for_coordinator(host: str, port: int, timeout: float, name: str, fix: str) -> None:
     """Wait until `host`:`port` (where `name` listens) accepts TCP connections; after `timeout`
     seconds, DistributedError with its last error and `fix` (what to correct)."""

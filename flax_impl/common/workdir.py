@@ -251,8 +251,8 @@ def check_identity(saved, identity: str, where: str) -> None:
     checkpoint of another config (config.json edited since) or of another run is not resumed."""
     if saved != identity:
         raise WorkdirError(f"{where} was trained by another config than this run's (config.json "
-                           f"edited, or the checkpoint taken from another run); --overwrite to "
-                           f"start afresh")
+                           f"edited, or the checkpoint taken from another run); train afresh (the "
+                           f"trainers' --overwrite)")
 
 
 def checked_history(history, where: str) -> list[dict]:

@@ -34,6 +34,7 @@ from flax_impl.common.rendezvous import (
     DEFAULT_TIMEOUT,
     DistributedError,
     check_resolvable,
+    claim_coordinator_port,
     wait_for_coordinator,
 )
 
@@ -107,6 +108,8 @@ def initialize(cluster: Cluster) -> None:
         if cluster.process_id:  # process 0 starts the coordinator
             wait_for_coordinator(host, int(port), cluster.timeout, "the coordinator",
                                  "--coordinator-address")
+        elif cluster.process_id == 0:
+            claim_coordinator_port(int(port))
     # jax aborts the process (a fatal log, a stack) when the processes do not all join in time
     # (one never started, two took the same --process-id): this watchdog says so in one line
     # first, and jax's own limit is set later than it.
