@@ -404,7 +404,8 @@ def test_two_processes_started_with_other_flags_both_refuse_in_one_line():
 
 HUGE_WIDTHS = ",".join(["100000"] * 6)
 # Every command, through inputs a hostile or careless user gives: (module, argv, exit status,
-# what its one line says). `{tmp}` is a fresh directory holding model.pt (a torch Net).
+# what its one line says). `{tmp}` is a fresh directory holding model.pt (a torch Net) and fifo
+# (a named pipe: a rename over it, or over /dev/null, would replace it).
 HOSTILE = [
     *[(module, ["--no-such-flag"], 2, "error: ")  # (or: a required argument is missing)
       for module in ("flax_impl.train", "torch_ref.train", "flax_impl.predict",
@@ -420,6 +421,8 @@ HOSTILE = [
     ("compare.convert", ["{tmp}/model.pt", "/proc/self/out.npz"], 2, "takes no new files"),
     ("compare.convert", ["{tmp}/model.pt", "{tmp}"], 2, "is a directory"),
     ("compare.sweep", ["--out", "/proc/self/sweep.txt"], 2, "takes no new files"),
+    ("compare.sweep", ["--out", "{tmp}/fifo"], 2, "not a regular file"),
+    ("compare.convert", ["{tmp}/model.pt", "/dev/model.npz"], 2, "takes no new files"),
     ("compare.accuracy", ["--results", "{tmp}/none"], 2, "no results"),
     ("flax_impl.train", ["--overwrite"], 2, "give --workdir"),
     ("flax_impl.evaluate", ["--workdir", "{tmp}", "--out", ""], 2, "is empty"),
@@ -438,6 +441,7 @@ def test_every_command_answers_a_hostile_input_in_one_line(module, argv, status,
     from compare.convert import torch_model
 
     torch.save(torch_model("net").state_dict(), tmp_path / "model.pt")
+    os.mkfifo(tmp_path / "fifo")
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
     before = sorted(p.name for p in tmp_path.iterdir())
     try:

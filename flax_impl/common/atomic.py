@@ -29,9 +29,21 @@ def _umask() -> int:
         return mask
 
 
+# Devices' and the kernel's directories take no files of ours (root could write some of /dev);
+# /dev/shm is a RAM disk for files.
+SYSTEM_DIRS, RAM_DISK = (Path("/dev"), Path("/proc"), Path("/sys")), Path("/dev/shm")
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Create or replace `path` with what `write(file)` writes; a crash leaves the old file.
-    OSError naming `path` (not the temporary file) if the directory takes no new file."""
+    OSError naming `path` (not the temporary file) if the directory takes no new file, or if
+    `path` is a device, a pipe or a socket (a rename would replace it)."""
+    where = Path(os.path.realpath(path.parent))
+    if any(d == where or d in where.parents for d in SYSTEM_DIRS) and not (
+            RAM_DISK == where or RAM_DISK in where.parents):
+        raise PermissionError(errno.EACCES, "the directory takes no new files", str(path))
+    if path.exists() and not path.is_symlink() and not path.is_file():
+        raise PermissionError(errno.EACCES, "not a regular file: it is not replaced", str(path))
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     except OSError as error:
