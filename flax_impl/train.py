@@ -97,7 +97,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, identity: st
     for saved in manager.all_steps():  # Orbax would follow a link, and fail to delete it later
         if (folder := Path(manager.directory) / str(saved)).is_symlink():
             raise errors.WorkdirError(f"{folder} is a symbolic link, not this run's own "
-                                      f"checkpoint: remove it, or --overwrite")
+                                      f"checkpoint: remove it, or train afresh (the trainers' "
+                                      f"--overwrite)")
     step = manager.latest_step()
     if step is None:
         return None

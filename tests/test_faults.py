@@ -354,7 +354,8 @@ def test_resume_refuses_a_step_folder_that_links_to_another_runs(straight, tiny_
     assert flax_train.main(run_args("flax", tiny_idx_source, workdir, "--resume")) == 2
     said = messages(capsys.readouterr().err)
     assert said == [f"error: {workdir / 'checkpoints' / str(newest)} is a symbolic link, not this "
-                    f"run's own checkpoint: remove it, or --overwrite"]
+                    f"run's own checkpoint: remove it, or train afresh (the trainers' "
+                    f"--overwrite)"]
 
 
 def test_resume_with_a_file_for_the_checkpoints_is_refused_before_training(

@@ -265,7 +265,8 @@ def checked_history(history, where: str) -> list[dict]:
         for epoch, record in enumerate(history, start=1))
     if not valid:
         raise WorkdirError(f"{where}: its record of the finished epochs is damaged; delete it "
-                           f"to use the previous checkpoint, or --overwrite")
+                           f"to use the previous checkpoint, or train afresh (the trainers' "
+                           f"--overwrite)")
     return history
 
 
@@ -280,11 +281,11 @@ def checked_progress(progress, where: str) -> dict:
              and math.isfinite(progress["loss_sum"]))
     if not valid:
         raise WorkdirError(f"{where}: its progress record is damaged; delete it to use the "
-                           f"previous checkpoint, or --overwrite")
+                           f"previous checkpoint, or train afresh (the trainers' --overwrite)")
     checked_history(progress["history"], where)
     if len(progress["history"]) != progress["epoch"] - 1:
         raise WorkdirError(f"{where}: its progress record is inconsistent; delete it to use "
-                           f"the previous checkpoint, or --overwrite")
+                           f"the previous checkpoint, or train afresh (the trainers' --overwrite)")
     return progress
 
 
