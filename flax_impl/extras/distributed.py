@@ -105,11 +105,11 @@ def initialize(cluster: Cluster) -> None:
     if cluster.coordinator_address:
         host, _, port = cluster.coordinator_address.rpartition(":")
         check_resolvable(host, "--coordinator-address")
-        if cluster.process_id:  # process 0 starts the coordinator
+        if cluster.process_id == 0:  # it starts the coordinator, on a port of its own
+            claim_coordinator_port(int(port))
+        elif cluster.process_id:  # the others wait for it
             wait_for_coordinator(host, int(port), cluster.timeout, "the coordinator",
                                  "--coordinator-address")
-        elif cluster.process_id == 0:
-            claim_coordinator_port(int(port))
     # jax aborts the process (a fatal log, a stack) when the processes do not all join in time
     # (one never started, two took the same --process-id): this watchdog says so in one line
     # first, and jax's own limit is set later than it.
