@@ -233,6 +233,44 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(
     assert epochs(workdir) == list(range(1, SHAPE_EPOCHS + 1))
 
 
+def fill_once_saving(disk: Path, saving: Path, stop: threading.Event) -> None:
+    """Fill `disk` as soon as a temporary folder of Orbax appears in `saving` (mid-save)."""
+    while not stop.is_set():
+        if saving.is_dir() and any("tmp" in entry.name for entry in saving.iterdir()):
+            with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
+                while True:
+                    filler.write(bytes(2**16))
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("attempt, small_filesystem", [(attempt, "4m") for attempt in range(3)],
+                         indirect=["small_filesystem"])
+def test_a_disk_that_fills_during_a_save_is_one_line(attempt, small_filesystem, tiny_idx_source):
+    # Orbax's threads each logged the failure with a traceback, and the writes they abandoned
+    # printed more on a closed event loop (143-466 lines in 4 of 4 tries, under load): held back
+    # while Orbax works, dropped once it has failed.
+    stop = threading.Event()
+    filler = threading.Thread(target=fill_once_saving,
+                              args=(small_filesystem, small_filesystem / "run" / "checkpoints",
+                                    stop))
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the load
+    filler.start()
+    try:
+        run = subprocess.run([sys.executable, "-m", "flax_impl.train",
+                              *run_args("flax", tiny_idx_source, small_filesystem / "run")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        stop.set()
+        filler.join()
+        burner.kill()
+        burner.wait()
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert messages(run.stderr) == [
+        f"error: checkpoint {small_filesystem / 'run' / 'checkpoints' / str(SHAPE_STEPS)} could "
+        f"not be saved (the disk is full); the last complete checkpoint is kept: free some space, "
+        f"then --resume"]
+
+
 # A diverging loss.
 
 def test_an_exploded_loss_counts_as_diverged_and_a_healthy_one_does_not():
@@ -435,54 +473,6 @@ def test_flax_refuses_a_checkpoint_of_edited_widths_before_reading_its_arrays(
         f"error: checkpoint {workdir / 'checkpoints' / str(TOTAL_STEPS)} was trained by another "
         f"config than this run's (config.json edited, or the checkpoint taken from another run); "
         f"train afresh (the trainers' --overwrite)"]
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 4 MiB file system of its own (tmpfs; skipped where mounting is not permitted)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
-def fill_once_saving(disk: Path, saving: Path, stop: threading.Event) -> None:
-    """Fill `disk` as soon as a temporary folder of Orbax appears in `saving` (mid-save)."""
-    while not stop.is_set():
-        if saving.is_dir() and any("tmp" in entry.name for entry in saving.iterdir()):
-            with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
-                while True:
-                    filler.write(bytes(2**16))
-        time.sleep(0.005)
-
-
-@pytest.mark.parametrize("attempt", range(3))
-def test_a_disk_that_fills_during_a_save_is_one_line(attempt, small_disk, tiny_idx_source):
-    # Orbax's threads each logged the failure with a traceback, and the writes they abandoned
-    # printed more on a closed event loop (143-466 lines in 4 of 4 tries, under load): held back
-    # while Orbax works, dropped once it has failed.
-    stop = threading.Event()
-    filler = threading.Thread(target=fill_once_saving,
-                              args=(small_disk, small_disk / "run" / "checkpoints", stop))
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the load
-    filler.start()
-    try:
-        run = subprocess.run([sys.executable, "-m", "flax_impl.train",
-                              *run_args("flax", tiny_idx_source, small_disk / "run")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    finally:
-        stop.set()
-        filler.join()
-        burner.kill()
-        burner.wait()
-    assert run.returncode == 2, run.stderr[-3000:]
-    assert messages(run.stderr) == [
-        f"error: checkpoint {small_disk / 'run' / 'checkpoints' / str(SHAPE_STEPS)} could not be "
-        f"saved (the disk is full); the last complete checkpoint is kept: free some space or fix "
-        f"the cause, then --resume"]
 
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])

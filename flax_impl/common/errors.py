@@ -103,9 +103,10 @@ def _hold_call(waiting: list, original: Callable, *args) -> None:
 def failed_checkpoint(path, error: BaseException, saving: bool) -> WorkdirError:
     """The one-line error for checkpoint `path` that could not be saved or read."""
     if saving:
-        cause = "the disk is full" if disk_full(error) else first_line(error)
+        cause, fix = ("the disk is full", "free some space") if disk_full(error) else \
+            (first_line(error), "mend that")
         return WorkdirError(f"checkpoint {path} could not be saved ({cause}); the last complete "
-                            f"checkpoint is kept: free some space or fix the cause, then --resume")
+                            f"checkpoint is kept: {fix}, then --resume")
     if any(words in str(error) for words in ("not compatible with the stored shape",
                                              "tree structures do not match")):
         return WorkdirError(f"checkpoint {path} is not one of this run's: its arrays have other "
