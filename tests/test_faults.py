@@ -240,6 +240,7 @@ def fill_once_saving(disk: Path, saving: Path, stop: threading.Event) -> None:
             with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
                 while True:
                     filler.write(bytes(2**16))
+            return
         time.sleep(0.005)
 
 
