@@ -6,7 +6,9 @@ to --out: `variant seedS FLAGS :: <its last "Validation set:" line> :: <seconds>
 is never scored: a recipe is chosen here and confirmed on the test set by `compare.accuracy`.
 The processes share JAX's persistent compilation cache, so every seed after a variant's first
 reuses its compiled step; on a GPU many small runs share the device.
-`--summary FILE [FILE ...]` prints each variant's runs, mean, min and count >= 99.40 % instead.
+`--framework torch` trains with `torch_ref.train` instead (its lines name the variant
+`NAME@torch`). `--summary FILE [FILE ...]` prints each variant's runs, mean, min and count
+>= 99.40 % instead.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from flax_impl.common.atomic import write_output
 from flax_impl.common.config import OneLineParser
 from flax_impl.common.errors import ConfigError, first_line
 
-TRAINER = "flax_impl.train"  # the module each run is `python -m`
+TRAINERS = {"flax": "flax_impl.train", "torch": "torch_ref.train"}  # each run: `python -m` it
 
 # The searches of docs/recipes.md: variants of the default recipe at 3 epochs, then other widths
 # under 20k parameters (`--widths`), then the fast recipe's neighbours on the CPU. The first sweep
@@ -81,6 +83,10 @@ VARIANTS = {
     "sep_d": "--model sepnet --widths 8,12,16,16,20,24,24 --dropout 0",  # 3,538 parameters
     "sep_d1": "--model sepnet --dropout 0",  # 4,710: SepNet
     "sep_d4": "--model sepnet --widths 10,16,20,20,24,28,32 --dropout 0",  # 4,946
+    # Sixth, on the CPU in torch (the framework whose runs missed): SepNet's recipe, stronger
+    # rotation or twice the peak rate (results/sepnet/sweep6_cpu.txt).
+    "sep_rot12": "--recipe sepnet --max-rotation 12",
+    "sep_lr02": "--recipe sepnet --lr 0.2",
 }
 FIRST_SWEEP = ",".join(list(VARIANTS)[:list(VARIANTS).index("wide_b64") + 1])
 MARGIN_SWEEP = "fast,fast_wd1e4,fast_wd1e3,fast_ls02,fast_lr03,fast_b64,fast_lr04,fast_lr06"
@@ -88,16 +94,18 @@ SECOND_SWEEP = ("wide_b64_ls,wide_b256_lr04,b256_lr04_ls,w16_16_20_20_20_32_b64,
                 "w12_16_20_24_24_24_b64,w12_20_20_20_24_24_b64,w10_14_20_24_24_28_b64")
 
 
-def command(flags: str, seed: int, extra: str = "") -> list[str]:
+def command(flags: str, seed: int, extra: str = "", framework: str = "flax") -> list[str]:
     """The training command of one run: the variant's flags, the validation split, the seed."""
-    return [sys.executable, "-m", TRAINER, *shlex.split(flags), "--validation", "10000",
-            "--seed", str(seed), *shlex.split(extra)]
+    return [sys.executable, "-m", TRAINERS[framework], *shlex.split(flags), "--validation",
+            "10000", "--seed", str(seed), *shlex.split(extra)]
 
 
-def run(name: str, seed: int, flags: str, extra: str, env: dict) -> str:
+def run(name: str, seed: int, flags: str, extra: str, env: dict, framework: str = "flax") -> str:
     """Train one variant for one seed; its result line."""
     start = time.perf_counter()
-    result = subprocess.run(command(flags, seed, extra), capture_output=True, text=True, env=env)
+    result = subprocess.run(command(flags, seed, extra, framework), capture_output=True,
+                            text=True, env=env)
+    name = name if framework == "flax" else f"{name}@{framework}"
     scored = [line for line in result.stdout.splitlines() if line.startswith("Validation set:")]
     outcome = scored[-1] if result.returncode == 0 and scored else \
         f"FAILED (exit {result.returncode}): {(result.stderr.strip().splitlines() or ['?'])[-1]}"
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"sweep's); "
                              f"one of {', '.join(VARIANTS)}")
     parser.add_argument("--extra", default="", help="flags added to every run (smoke tests)")
+    parser.add_argument("--framework", choices=TRAINERS, default="flax",
+                        help="whose trainer runs (default: flax)")
     args = parser.parse_args(argv)
     if args.summary:
         print(summary(args.summary))
@@ -181,11 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
                JAX_COMPILATION_CACHE_DIR=os.environ.get(
                    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax_cache_")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               # torch's threads share the cores among the runs at once
+               OMP_NUM_THREADS=os.environ.get(
+                   "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.parallel))))
     lock = threading.Lock()
 
     def job(name: str, seed: int) -> None:
-        line = run(name, seed, VARIANTS[name], args.extra, env)
+        line = run(name, seed, VARIANTS[name], args.extra, env, args.framework)
         with lock:
             append(line + "\n")
         print(line, flush=True)

@@ -281,7 +281,7 @@ def test_sweep_runs_every_variant_and_seed_on_the_validation_split(tmp_path, mon
         "' '.join(sys.argv[1:]))\nsys.exit(3 if '--seed' in sys.argv and "
         "sys.argv[sys.argv.index('--seed') + 1] == '9' else 0)\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    monkeypatch.setattr(sweep, "TRAINER", "fake_trainer")
+    monkeypatch.setattr(sweep, "TRAINERS", {"flax": "fake_trainer", "torch": "fake_trainer"})
     out = tmp_path / "sweep.txt"
     assert sweep.main(["--out", str(out), "--seeds", "0,9", "--parallel", "2",
                        "--variants", "b128,wide_b64"]) == 0
@@ -289,6 +289,9 @@ def test_sweep_runs_every_variant_and_seed_on_the_validation_split(tmp_path, mon
     assert len(lines) == 4
     assert lines[0].startswith("b128 seed0 ") and ":: Validation set:" in lines[0]
     assert lines[1].startswith("b128 seed9 ") and "FAILED (exit 3)" in lines[1]
+    assert sweep.main(["--out", str(out), "--seeds", "1", "--variants", "b128",
+                       "--framework", "torch"]) == 0
+    assert out.read_text().splitlines()[-1].startswith("b128@torch seed1 ")
     widened = sweep.command(sweep.VARIANTS["wide_b64"], 3)
     assert widened[-4:] == ["--validation", "10000", "--seed", "3"]
     assert "--widths" in widened and "10,16,20,20,24,32" in widened
