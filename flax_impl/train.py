@@ -12,8 +12,8 @@ import functools
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +60,10 @@ class Progress:
     run: str = ""
 
 
-@contextmanager
-def checkpoint_manager(workdir: Path) -> Iterator[ocp.CheckpointManager]:
-    """Orbax's manager of `workdir/checkpoints`, named by global step, the latest two kept;
-    closed at the end (a failure's error is not replaced by the close's, which repeats it)."""
+def checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
+    """Orbax's manager of `workdir/checkpoints`, named by global step, the latest two kept."""
     options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
-    try:
-        yield manager
-    except BaseException:
-        with suppress(Exception):
-            manager.close()
-        raise
-    manager.close()
+    return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
 
 
 def save_checkpoint(manager: ocp.CheckpointManager | None, step: int, state: Any,

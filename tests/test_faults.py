@@ -476,6 +476,27 @@ def test_flax_refuses_a_checkpoint_of_edited_widths_before_reading_its_arrays(
         f"train afresh (the trainers' --overwrite)"]
 
 
+def test_flax_a_checkpoint_of_damaged_arrays_is_one_line_under_load(straight, tiny_idx_source,
+                                                                   tmp_path):
+    # Orbax abandons its other reads, which end in tracebacks from its threads and, once
+    # collected, from the garbage collector: none may follow the command's line.
+    workdir = copy_run(straight["flax"], tmp_path)
+    for chunk in (workdir / "checkpoints" / str(TOTAL_STEPS) / "state").rglob("ocdbt.process_0/d/*"):
+        chunk.write_bytes(b"\x00" * 40)
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the load
+    try:
+        resumed = subprocess.run([sys.executable, "-m", "flax_impl.train",
+                                  *run_args("flax", tiny_idx_source, workdir, "--resume")],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert resumed.returncode == 2
+    said = resumed.stderr.splitlines()
+    assert len(said) == 1 and said[0].startswith(
+        f"error: checkpoint {workdir / 'checkpoints' / str(TOTAL_STEPS)} is corrupt or partial ("), said
+
+
 @pytest.mark.parametrize("framework", ["flax", "torch"])
 def test_resuming_a_finished_run_trains_nothing_and_restores_a_truncated_metrics_file(
         framework, straight, tiny_idx_source, tmp_path, hook_training):

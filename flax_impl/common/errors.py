@@ -80,6 +80,7 @@ def checkpoint_io(path, saving: bool):
         for _, hold in held:
             hold.drop = True
         waiting.append(None)  # (from now on, _hold_call drops)
+        sys.unraisablehook = lambda unraisable: None  # and the collector's, of abandoned reads
         raise failed_checkpoint(path, error, saving) from None
     for (module, name), original in zip(hooks, originals, strict=True):
         setattr(module, name, original)
