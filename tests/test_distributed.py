@@ -216,12 +216,13 @@ def test_flax_an_unreachable_coordinator_is_one_line(capsys):
 
 def test_flax_two_processes_given_process_id_0_are_each_one_line():
     # Both start together; jax's coordinators could both bind the port (SO_REUSEPORT): one
-    # process 0 is refused at start-up, the other waits for a process 1 that never comes.
+    # process 0 is refused at start-up, the other waits for a process 1 that never comes (long
+    # enough for the other's imports to end, under load too).
     address = f"127.0.0.1:{free_port()}"
     with killed_at_exit() as started:
         processes = started([subprocess.Popen(
             [sys.executable, "-m", "flax_impl.train", "--coordinator-address", address,
-             "--num-processes", "2", "--process-id", "0", "--distributed-timeout", "3"],
+             "--num-processes", "2", "--process-id", "0", "--distributed-timeout", "15"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)])
         results = sorted((finish(process) for process in processes), key=lambda r: r.returncode)
