@@ -239,7 +239,7 @@ def vanishing_gradients(name: str) -> set[str]:
     spec = MODELS[name]
     blocks = [layer for layer in conv_layers(spec.layout, spec.widths) if layer != "M"]
     return {f"{block.name}.bn.weight" for block, after in itertools.pairwise(blocks)
-            if after.groups > 1}
+            if after.groups > 1 and after.normalized and block.normalized}
 
 
 def worst_relative_gradient_error(torch_grads: dict, flax_grads: dict,

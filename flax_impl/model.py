@@ -82,13 +82,15 @@ class BatchNorm(nn.Module):
 
 class ConvBlock(nn.Module):
     """Convolution (no bias; 3x3 or 1x1, depthwise where `groups` is the input's channels) ->
-    BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
+    BatchNorm -> ReLU -> channel dropout (whole feature maps); the convolution alone if not
+    `normalized`."""
 
     features: int
     dropout: float
     conv: ModuleDef = nn.Conv
     kernel_size: int = 3
     groups: int = 1
+    normalized: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -96,6 +98,8 @@ class ConvBlock(nn.Module):
         x = self.conv(self.features, size, padding="VALID", use_bias=False,
                       feature_group_count=self.groups, kernel_init=torch_default_init,
                       name="conv")(x)
+        if not self.normalized:
+            return x
         x = nn.relu(BatchNorm(name="bn")(x, train))
         # Dropping whole channels (torch's Dropout2d) draws B*C random numbers instead of B*H*W*C:
         # random bits are slow on XLA:CPU.
@@ -107,7 +111,8 @@ class Net(nn.Module):
     `flax_impl.common.models`), global average pooling, a linear head.
 
     `Net`'s own layout (NET_LAYOUT) is six 3x3 conv blocks and one max-pool; TinyNet and WideNet
-    are that network, narrower and wider; SepNet another layout, of depthwise-separable blocks.
+    are that network, narrower and wider; SepNet and XSepNet other layouts, of depthwise-separable
+    blocks.
     """
 
     dropout: float = 0.05
@@ -123,7 +128,8 @@ class Net(nn.Module):
                 x = self.max_pool(x, (2, 2), strides=(2, 2))
                 continue
             x = ConvBlock(layer.features, self.dropout if layer.dropout else 0.0, self.conv,
-                          layer.kernel_size, layer.groups, name=layer.name)(x, train)
+                          layer.kernel_size, layer.groups, layer.normalized,
+                          name=layer.name)(x, train)
         x = x.mean(axis=(1, 2))
         x = nn.Dense(10, kernel_init=torch_default_init,
                      bias_init=torch_default_bias_init(x.shape[-1]), name="head")(x)

@@ -45,20 +45,24 @@ class BatchNorm(nnx.Module):
 
 class ConvBlock(nnx.Module):
     """Convolution (no bias; 3x3 or 1x1, depthwise where `groups` is the input's channels) ->
-    BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
+    BatchNorm -> ReLU -> channel dropout (whole feature maps); the convolution alone if not
+    `normalized`."""
 
     def __init__(self, in_features: int, features: int, dropout: float, kernel_size: int = 3,
-                 groups: int = 1, *, rngs: nnx.Rngs,
+                 groups: int = 1, normalized: bool = True, *, rngs: nnx.Rngs,
                  conv_general_dilated: Callable = jax.lax.conv_general_dilated):
         self.conv = nnx.Conv(in_features, features, (kernel_size, kernel_size), padding="VALID",
                              use_bias=False, feature_group_count=groups,
                              kernel_init=torch_default_init,
                              conv_general_dilated=conv_general_dilated, rngs=rngs)
-        self.bn = BatchNorm(features)
-        self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
+        self.normalized = normalized
+        if normalized:
+            self.bn = BatchNorm(features)
+            self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.dropout(nnx.relu(self.bn(self.conv(x))))
+        x = self.conv(x)
+        return self.dropout(nnx.relu(self.bn(x))) if self.normalized else x
 
 
 class Net(nnx.Module):
@@ -74,7 +78,7 @@ class Net(nnx.Module):
             if layer != "M":
                 block = ConvBlock(layer.in_features, layer.features,
                                   dropout if layer.dropout else 0.0, layer.kernel_size,
-                                  layer.groups, rngs=rngs,
+                                  layer.groups, layer.normalized, rngs=rngs,
                                   conv_general_dilated=conv_general_dilated)
                 setattr(self, layer.name, block)
         features = [layer for layer in plan if layer != "M"][-1].features

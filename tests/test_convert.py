@@ -59,7 +59,7 @@ def assert_same_variables(got: dict, want: dict) -> None:
         np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=str(key))
 
 
-@pytest.mark.parametrize("name", ["net", "tinynet", "widenet", "sepnet", "seednet"])
+@pytest.mark.parametrize("name", ["net", "tinynet", "widenet", "sepnet", "xsepnet", "seednet"])
 def test_torch_to_flax_to_torch_is_lossless(name):
     original = random_torch_state(name)
     back = flax_to_torch(torch_to_flax(original, name), name)
@@ -67,7 +67,7 @@ def test_torch_to_flax_to_torch_is_lossless(name):
     torch_model(name).load_state_dict(back)  # strict
 
 
-@pytest.mark.parametrize("name", ["net", "tinynet", "sepnet"])
+@pytest.mark.parametrize("name", ["net", "tinynet", "sepnet", "xsepnet"])
 def test_linen_to_nnx_to_linen_is_lossless_and_the_module_holds_the_values(name):
     variables = random_linen_variables(name)
     module = linen_to_nnx(variables, name)
@@ -75,7 +75,7 @@ def test_linen_to_nnx_to_linen_is_lossless_and_the_module_holds_the_values(name)
     assert_same_variables(nnx_to_linen(module, name), variables)
 
 
-@pytest.mark.parametrize("name", ["tinynet", "sepnet", "seednet"])
+@pytest.mark.parametrize("name", ["tinynet", "sepnet", "xsepnet", "seednet"])
 def test_torch_to_nnx_to_torch_is_lossless(name):
     original = random_torch_state(name)
     module = torch_to_nnx(original, name)

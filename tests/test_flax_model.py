@@ -53,6 +53,25 @@ def test_both_frameworks_build_every_model_of_the_table_at_its_widths():
             create("resnet")
 
 
+def test_an_x_token_is_a_bare_depthwise_convolution_in_every_port():
+    # XSepNet: Xception's separable convolution, the depthwise one without BatchNorm, ReLU or
+    # dropout; the 1x1 block after it normalises.
+    plan = [layer for layer in conv_layers(MODELS["xsepnet"].layout, MODELS["xsepnet"].widths)
+            if layer != "M"]
+    bare = [layer.name for layer in plan if not layer.normalized]
+    assert bare == [f"block{i}" for i in range(2, 14, 2)]
+    assert all(layer.groups == layer.in_features and not layer.dropout
+               for layer in plan if not layer.normalized)
+    variables = jax.eval_shape(create_model("xsepnet", dropout=0.5).init, jax.random.key(0), X)
+    assert set(variables["params"]["block2"]) == {"conv"}
+    assert "block2" not in variables["batch_stats"] and "block3" in variables["batch_stats"]
+    torch_net = create_torch_model("xsepnet", dropout=0.5)
+    assert [name for name, _ in torch_net.block2.named_children()] == ["conv"]
+    x = torch.randn(2, 8, 6, 6)
+    torch_net.train()
+    assert torch.equal(torch_net.block2(x), torch_net.block2.conv(x))  # no dropout, no ReLU
+
+
 def test_a_layout_is_the_blocks_and_pools_every_port_builds():
     spec = MODELS["sepnet"]
     plan = conv_layers(spec.layout, spec.widths)
@@ -69,7 +88,7 @@ def test_a_layout_is_the_blocks_and_pools_every_port_builds():
     assert create_torch_model("sepnet").block2.conv.groups == 8
     with pytest.raises(ConfigError, match="--widths needs 7 positive integers for sepnet"):
         create_model("sepnet", widths=MODELS["net"].widths)
-    for layout, widths, refused in [(("3", "x"), (4,), "token 'x'"), (("M",), (), "no conv"),
+    for layout, widths, refused in [(("3", "q"), (4,), "token 'q'"), (("M",), (), "no conv"),
                                     (("3",) * 14, (4,) * 14, "no pixel"), (("3", "3"), (4,), "2 widths")]:
         with pytest.raises(ValueError, match=refused):  # a table entry that cannot be built
             ModelSpec(widths, layout=layout)

@@ -34,7 +34,7 @@ def assert_all_pass(checks):
 @pytest.mark.parametrize("model, tolerance, batch", [
     ("net", 1e-5, parity.BATCH), ("tinynet", 1e-5, parity.BATCH),
     ("widenet", 1e-5, parity.BATCH), ("sepnet", 1e-5, parity.BATCH),
-    ("seednet", 1e-4, 32)])  # SeedNet: 6.4M parameters
+    ("xsepnet", 1e-5, parity.BATCH), ("seednet", 1e-4, 32)])  # SeedNet: 6.4M parameters
 def test_eval_outputs_agree_after_conversion_both_ways(mnist, model, tolerance, batch):
     assert_all_pass(parity.check_eval_outputs(mnist, model, tolerance, batch=batch))
 
@@ -79,7 +79,7 @@ def test_the_depthwise_and_1x1_blocks_train_alike(mnist):
 def test_the_nnx_port_agrees_with_linen(mnist):
     # Outputs, statistics, gradients, and ten train steps of each API's own step (the command:
     # Net and TinyNet, 30 steps).
-    for name in ("tinynet", "sepnet"):
+    for name in ("tinynet", "sepnet", "xsepnet"):
         checks = parity.check_nnx_against_linen(mnist, name, steps=10)
         assert len(checks) == 5 and all(f"{name} (NNX)" in check.name for check in checks)
         assert_all_pass(checks)

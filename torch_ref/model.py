@@ -29,17 +29,21 @@ def to_inputs(images: torch.Tensor, augment: Callable | None = None,
 
 class ConvBlock(nn.Module):
     """Convolution (no bias; 3x3 or 1x1, depthwise where `groups` is the input's channels) ->
-    BatchNorm -> ReLU -> channel dropout (whole feature maps)."""
+    BatchNorm -> ReLU -> channel dropout (whole feature maps); the convolution alone if not
+    `normalized`."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float,
-                 kernel_size: int = 3, groups: int = 1):
+                 kernel_size: int = 3, groups: int = 1, normalized: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.dropout = nn.Dropout2d(dropout)
+        self.normalized = normalized
+        if normalized:
+            self.bn = nn.BatchNorm2d(out_channels)
+            self.dropout = nn.Dropout2d(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(F.relu(self.bn(self.conv(x))))
+        x = self.conv(x)
+        return self.dropout(F.relu(self.bn(x))) if self.normalized else x
 
 
 class Net(nn.Module):
@@ -47,7 +51,8 @@ class Net(nn.Module):
     `flax_impl.common.models`), global average pooling, a linear head.
 
     `Net`'s own layout (NET_LAYOUT) is six 3x3 conv blocks and one max-pool; TinyNet and WideNet
-    are that network, narrower and wider; SepNet another layout, of depthwise-separable blocks.
+    are that network, narrower and wider; SepNet and XSepNet other layouts, of depthwise-separable
+    blocks.
     """
 
     def __init__(self, dropout: float = 0.05, widths: tuple[int, ...] = MODELS["net"].widths,
@@ -58,7 +63,7 @@ class Net(nn.Module):
             if layer != "M":
                 self.add_module(layer.name, ConvBlock(
                     layer.in_features, layer.features, dropout if layer.dropout else 0.0,
-                    layer.kernel_size, layer.groups))
+                    layer.kernel_size, layer.groups, layer.normalized))
         self.head = nn.Linear([layer for layer in plan if layer != "M"][-1].features, 10)
         self.plan = tuple("M" if layer == "M" else layer.name for layer in plan)
 

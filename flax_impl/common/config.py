@@ -115,6 +115,9 @@ RECIPES: dict[str, dict] = {
     # SepNet, under 5,000 parameters: TinyNet's recipe (chosen on the validation split,
     # docs/recipes.md).
     "sepnet": {"model": "sepnet", "dropout": 0.0},
+    # XSepNet, under 5,000 parameters: TinyNet's recipe (chosen on the validation split,
+    # docs/recipes.md).
+    "xsepnet": {"model": "xsepnet", "dropout": 0.0},
 }
 
 

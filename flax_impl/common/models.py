@@ -17,10 +17,12 @@ MAX_WIDTH = 1024  # channels a block may have (--widths)
 
 # A network's layers in order, one token each: "3" a 3x3 conv block and "1" a 1x1 one (each takes
 # the next of the widths), "d" a depthwise 3x3 conv block (one 3x3 filter per channel: its width
-# is its input's), "M" a 2x2 max-pool. Global average pooling and the linear head follow. `Net`'s:
-# 28x28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 -> 4, a receptive field of 22.
+# is its input's), "x" a depthwise 3x3 convolution alone (no BatchNorm, ReLU or dropout: as in
+# Xception, the 1x1 block after it mixes and normalises), "M" a 2x2 max-pool. Global average
+# pooling and the linear head follow. `Net`'s: 28x28 -> 26 -> 24 -> (pool) 12 -> 10 -> 8 -> 6 ->
+# 4, a receptive field of 22.
 NET_LAYOUT = ("3", "3", "M", "3", "3", "3", "3")
-TOKENS = ("3", "1", "d", "M")
+TOKENS = ("3", "1", "d", "x", "M")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,9 @@ MODELS: dict[str, ModelSpec] = {
     # Depthwise-separable blocks (a 3x3 filter per channel, then a 1x1 mix) after a 3x3 stem.
     "sepnet": ModelSpec((8, 16, 20, 20, 24, 28, 28), 5_000,
                         ("3", "d", "1", "d", "1", "M", "d", "1", "d", "1", "d", "1", "d", "1")),
+    # SepNet's layout with Xception's separable convolutions, wider at the end.
+    "xsepnet": ModelSpec((8, 16, 20, 24, 24, 28, 32), 5_000,
+                         ("3", "x", "1", "x", "1", "M", "x", "1", "x", "1", "x", "1", "x", "1")),
 }
 # The seed README's network (`compare.seednet`): seven 3x3 convs, the first six of these widths.
 SEEDNET_WIDTHS = (32, 64, 128, 256, 512, 1024)
@@ -84,14 +89,16 @@ def model_widths(name: str, widths: tuple[int, ...] | None = None) -> tuple[int,
 
 
 class ConvLayer(NamedTuple):
-    """One conv block of a layout: conv (no bias) -> BatchNorm -> ReLU -> channel dropout."""
+    """One conv block of a layout: conv (no bias) -> BatchNorm -> ReLU -> channel dropout, or
+    the conv alone (not `normalized`)."""
 
     name: str  # block1, block2, ...: the same in every port
     in_features: int
     features: int
     kernel_size: int  # 3 or 1
     groups: int  # in_features for a depthwise block, else 1
-    dropout: bool  # every block but the last drops channels
+    dropout: bool  # every block but the last and the bare convs drops channels
+    normalized: bool = True  # False: the conv alone ("x")
 
 
 def conv_layers(layout: tuple[str, ...], widths: tuple[int, ...]) -> list[ConvLayer | str]:
@@ -105,9 +112,11 @@ def conv_layers(layout: tuple[str, ...], widths: tuple[int, ...]) -> list[ConvLa
             plan.append("M")
             continue
         number += 1
-        features = in_features if layer == "d" else next(widths)
+        depthwise = layer in ("d", "x")
+        features = in_features if depthwise else next(widths)
         plan.append(ConvLayer(f"block{number}", in_features, features, 1 if layer == "1" else 3,
-                              in_features if layer == "d" else 1, dropout=True))
+                              in_features if depthwise else 1, dropout=layer != "x",
+                              normalized=layer != "x"))
         in_features = features
     last = max(i for i, layer in enumerate(plan) if layer != "M")
     plan[last] = plan[last]._replace(dropout=False)
