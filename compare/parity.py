@@ -593,9 +593,10 @@ def check_nnx_eval_outputs(data: Mnist, name: str, tolerance: float,
 def check_nnx(data: Mnist, device: torch.device = CPU) -> list[Check]:
     """7. The NNX port against linen and against torch (checks 1 to 3 with the NNX network)."""
     return (check_nnx_against_linen(data, "net") + check_nnx_against_linen(data, "tinynet")
-            + check_nnx_against_linen(data, "sepnet")
+            + check_nnx_against_linen(data, "sepnet") + check_nnx_against_linen(data, "xsepnet")
             + check_nnx_eval_outputs(data, "net", EVAL_TOLERANCE, device)
             + check_nnx_eval_outputs(data, "sepnet", EVAL_TOLERANCE, device)
+            + check_nnx_eval_outputs(data, "xsepnet", EVAL_TOLERANCE, device)
             + check_nnx_eval_outputs(data, "seednet", 1e-4, device)
             + check_train_mode(data, device, "net", "nnx")
             + check_optimizer_steps(data, float32_drift=False, device=device, api="nnx"))
@@ -607,9 +608,11 @@ def all_checks(data: Mnist, device: torch.device = CPU) -> list[Callable[[], lis
                      + check_eval_outputs(data, "tinynet", EVAL_TOLERANCE, device)
                      + check_eval_outputs(data, "widenet", EVAL_TOLERANCE, device)
                      + check_eval_outputs(data, "sepnet", EVAL_TOLERANCE, device)
+                     + check_eval_outputs(data, "xsepnet", EVAL_TOLERANCE, device)
                      + check_eval_outputs(data, "seednet", 1e-4, device)),
             lambda: (check_train_mode(data, device) + check_train_mode(data, device, "tinynet")
-                     + check_train_mode(data, device, "sepnet")),
+                     + check_train_mode(data, device, "sepnet")
+                     + check_train_mode(data, device, "xsepnet")),
             lambda: (check_optimizer_steps(data, device=device)
                      + check_optimizer_steps(data, 5, False, device, model="sepnet", batch=32)
                      + check_loss(data)),

@@ -73,6 +73,7 @@ def test_the_depthwise_and_1x1_blocks_train_alike(mnist):
                                              model="sepnet", batch=32))
     assert len(checks) == 6
     assert_all_pass(checks)
+    assert_all_pass(parity.check_train_mode(mnist, name="xsepnet"))  # bare depthwise convs
 
 
 @realdata
