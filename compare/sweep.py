@@ -84,9 +84,10 @@ VARIANTS = {
     "sep_d1": "--model sepnet --dropout 0",  # 4,710: SepNet
     "sep_d4": "--model sepnet --widths 10,16,20,20,24,28,32 --dropout 0",  # 4,946
     # Sixth, on the CPU in torch (the framework whose runs missed): SepNet's recipe, stronger
-    # rotation or twice the peak rate (results/sepnet/sweep6_cpu.txt).
+    # rotation or twice the peak rate, and Xception's separable convolutions, wider (4,858).
     "sep_rot12": "--recipe sepnet --max-rotation 12",
     "sep_lr02": "--recipe sepnet --lr 0.2",
+    "xsepnet": "--recipe xsepnet",
 }
 FIRST_SWEEP = ",".join(list(VARIANTS)[:list(VARIANTS).index("wide_b64") + 1])
 MARGIN_SWEEP = "fast,fast_wd1e4,fast_wd1e3,fast_ls02,fast_lr03,fast_b64,fast_lr04,fast_lr06"
