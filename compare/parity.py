@@ -62,6 +62,7 @@ from flax_impl.common.data import Mnist, load_mnist
 from flax_impl.common.errors import ConfigError, DataError
 from flax_impl.common.models import MODELS, conv_layers
 from flax_impl.extras import fast
+from flax_impl.extras.distributed import check_backend
 from flax_impl.model import to_inputs as flax_to_inputs
 from torch_ref import core as torch_core
 from torch_ref.augment import rotate as torch_rotate
@@ -669,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.checks!r}")
     torch.manual_seed(0)
     try:
+        check_backend()
         device = resolve_device(args.device)
         if args.torch_model:  # a file that is no torch Net is said before the data loads
             load_torch_net(args.torch_model)

@@ -41,9 +41,10 @@ from flax_impl import train as flax_train
 from flax_impl.common.atomic import write_output
 from flax_impl.common.config import RECIPES, STEPS_PER_CALL, Config, OneLineParser, recipe_config
 from flax_impl.common.data import load_mnist
-from flax_impl.common.errors import ConfigError, first_line
+from flax_impl.common.errors import ConfigError, DataError, first_line
 from flax_impl.extras import fast as flax_fast
 from flax_impl.extras.compile_cache import use_compilation_cache
+from flax_impl.extras.distributed import check_backend
 from flax_impl.extras.kernels import FAST, STOCK, Kernels, get_kernels
 from torch_ref import core as torch_core
 from torch_ref import train as torch_train
@@ -417,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache = use_compilation_cache()
     config = recipe_config(args.recipe, data_source=args.data_source)
-    data = load_mnist(args.data_source)
+    try:
+        check_backend()
+        data = load_mnist(args.data_source)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     steps_per_call = args.steps_per_call or STEPS_PER_CALL
     results = {"batch_size": config.batch_size, "steps_per_call": steps_per_call,
                "machine": machine(), "compilation_cache": str(cache) if cache else None}

@@ -25,6 +25,7 @@ from flax_impl.common.report import quiet_library_logs
 from flax_impl.common.signals import SignalWatch
 from flax_impl.common.workdir import load_config, run_identity, workdir_record
 from flax_impl.extras.compile_cache import use_compilation_cache
+from flax_impl.extras.distributed import check_backend
 from flax_impl.extras.kernels import STOCK
 from flax_impl.model import create_model, to_inputs
 from flax_impl.train import CHECKPOINT_DIR, create_port, restore_checkpoint
@@ -78,6 +79,7 @@ def load_trained(workdir: str | Path, readers: dict[str, WorkdirReader] | None =
     `readers`: see `trained_variables` (with `compare.workdirs.READERS`, a torch_ref.train
     workdir works too). Reads the workdir only: nothing in it is created or changed.
     """
+    check_backend()
     if not Path(workdir).is_dir():
         raise WorkdirError(f"--workdir {workdir}: no such directory; train with "
                            f"`python -m flax_impl.train --workdir {workdir}` first")

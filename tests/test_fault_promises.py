@@ -466,8 +466,19 @@ def test_a_workdir_that_takes_no_files_is_one_line(framework, tiny_idx_source, c
 
 
 @pytest.mark.slow
-def test_a_platform_jax_cannot_start_is_one_line():
-    result = run("flax_impl.train", "--epochs", "1", env={"JAX_PLATFORMS": "cuda"})
+@pytest.mark.parametrize("module, argv", [
+    ("flax_impl.train", ["--epochs", "1"]), ("flax_impl.evaluate", ["--workdir", "{tmp}"]),
+    ("flax_impl.predict", ["--workdir", "{tmp}", "{tmp}/digit.png"]),
+    ("compare.evaluate", ["--workdir", "{tmp}"]), ("compare.parity", ["--checks", "4"]),
+    ("compare.speed", ["--steps", "1", "--no-epoch"])], ids=lambda value: str(value)[:20])
+def test_a_platform_jax_cannot_start_is_one_line_in_every_jax_command(module, argv, tmp_path):
+    from PIL import Image, ImageDraw
+
+    digit = Image.new("L", (28, 28))
+    ImageDraw.Draw(digit).line([(14, 4), (14, 24)], fill=255, width=3)  # a "1"
+    digit.save(tmp_path / "digit.png")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    result = run(module, *argv, env={"JAX_PLATFORMS": "cuda"})
     if result.returncode == 0:  # a machine with a GPU and jax[cuda]
         pytest.skip("this machine has the device JAX_PLATFORMS names")
     assert one_line(result, 2).startswith("error: JAX cannot start a device (JAX_PLATFORMS='cuda'")

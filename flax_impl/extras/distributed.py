@@ -149,14 +149,20 @@ def start(args: argparse.Namespace) -> str | None:
     """Join the multi-process run the flags of `add_flags` ask for (nothing for a single
     process); this process's name in the run ("process 0 of 2"), None for a single one."""
     initialize(cluster_from_args(args))
+    check_backend()
+    return describe()
+
+
+def check_backend() -> None:
+    """Start JAX's devices (every JAX command does first); ConfigError (one line) if none can
+    start, as where JAX_PLATFORMS names one this machine lacks (`cuda` without a GPU)."""
     try:
-        jax.devices()  # the backend starts here
+        jax.devices()
     except (RuntimeError, AssertionError) as error:  # jax 0.10 asserts when none can start
         asked = os.environ.get("JAX_PLATFORMS", "")
         raise ConfigError(f"JAX cannot start a device (JAX_PLATFORMS={asked!r}: "
                           f"{first_line(error) or type(error).__name__}); unset JAX_PLATFORMS, "
                           f"or install jax for that device (e.g. jax[cuda12])") from None
-    return describe()
 
 
 def check_same_flags(run_config: config.Config, args: argparse.Namespace) -> None:
