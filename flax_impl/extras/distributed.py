@@ -117,8 +117,10 @@ def initialize(cluster: Cluster) -> None:
     watchdog.daemon = True
     watchdog.start()
     # XLA's preemption notifier would take SIGTERM from the handlers of flax_impl.common.signals
-    # (installed before this): a SIGTERM would no longer stop the run at a checkpoint.
-    jax.config.update("jax_enable_preemption_service", False)
+    # (installed before this): a SIGTERM would no longer stop the run at a checkpoint. (jax
+    # before 0.8.2 has no such option: there the notifier cannot be turned off.)
+    if "jax_enable_preemption_service" in jax.config.values:
+        jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(
             cluster.coordinator_address, cluster.num_processes, cluster.process_id,
