@@ -233,6 +233,17 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(
     assert epochs(workdir) == list(range(1, SHAPE_EPOCHS + 1))
 
 
+def train_under_load(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m flax_impl.train argv` while a busy process loads a core: what it printed."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        return subprocess.run([sys.executable, "-m", "flax_impl.train", *argv], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        burner.kill()
+        burner.wait()
+
+
 def fill_once_saving(disk: Path, saving: Path, stop: threading.Event) -> None:
     """Fill `disk` as soon as a temporary folder of Orbax appears in `saving` (mid-save)."""
     while not stop.is_set():
@@ -254,17 +265,12 @@ def test_a_disk_that_fills_during_a_save_is_one_line(attempt, small_filesystem, 
     filler = threading.Thread(target=fill_once_saving,
                               args=(small_filesystem, small_filesystem / "run" / "checkpoints",
                                     stop))
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the load
     filler.start()
     try:
-        run = subprocess.run([sys.executable, "-m", "flax_impl.train",
-                              *run_args("flax", tiny_idx_source, small_filesystem / "run")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        run = train_under_load(*run_args("flax", tiny_idx_source, small_filesystem / "run"))
     finally:
         stop.set()
         filler.join()
-        burner.kill()
-        burner.wait()
     assert run.returncode == 2, run.stderr[-3000:]
     assert messages(run.stderr) == [
         f"error: checkpoint {small_filesystem / 'run' / 'checkpoints' / str(SHAPE_STEPS)} could "
@@ -460,15 +466,8 @@ def test_flax_refuses_a_checkpoint_of_edited_widths_before_reading_its_arrays(
     workdir = copy_run(straight["flax"], tmp_path)
     record = json.loads((workdir / "config.json").read_text())
     (workdir / "config.json").write_text(json.dumps({**record, "widths": [8, 10, 12, 12, 14, 14]}))
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the load
-    try:
-        resumed = subprocess.run([sys.executable, "-m", "flax_impl.train",
-                                  *run_args("flax", tiny_idx_source, workdir, "--resume"),
-                                  "--widths", "8,10,12,12,14,14"],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
-    finally:
-        burner.kill()
-        burner.wait()
+    resumed = train_under_load(*run_args("flax", tiny_idx_source, workdir, "--resume"),
+                               "--widths", "8,10,12,12,14,14")
     assert resumed.returncode == 2
     assert resumed.stderr.splitlines() == [
         f"error: checkpoint {workdir / 'checkpoints' / str(TOTAL_STEPS)} was trained by another "
@@ -483,14 +482,7 @@ def test_flax_a_checkpoint_of_damaged_arrays_is_one_line_under_load(straight, ti
     workdir = copy_run(straight["flax"], tmp_path)
     for chunk in (workdir / "checkpoints" / str(TOTAL_STEPS) / "state").rglob("ocdbt.process_0/d/*"):
         chunk.write_bytes(b"\x00" * 40)
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the load
-    try:
-        resumed = subprocess.run([sys.executable, "-m", "flax_impl.train",
-                                  *run_args("flax", tiny_idx_source, workdir, "--resume")],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
-    finally:
-        burner.kill()
-        burner.wait()
+    resumed = train_under_load(*run_args("flax", tiny_idx_source, workdir, "--resume"))
     assert resumed.returncode == 2
     said = resumed.stderr.splitlines()
     assert len(said) == 1 and said[0].startswith(
